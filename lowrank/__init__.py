@@ -1,0 +1,1 @@
+"""lowrank-lab: the CLI (`lowrank ...`) and the Python SDK."""
