@@ -1,0 +1,109 @@
+"""One settings class read by the API, the worker, the CLI and the migrations (env prefix LOWRANK_).
+
+Defaults are the embedded ones: a SQLite file and Celery's filesystem transport under
+`./.lowrank/`, so `lowrank up` needs nothing installed. Production sets
+`LOWRANK_DATABASE_URL=postgresql+psycopg://...` and `LOWRANK_BROKER_URL=redis://...`.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The embedded broker: Celery's filesystem transport, folders under `home/broker/`.
+EMBEDDED_BROKER_URL = "filesystem://"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOWRANK_", extra="ignore", validate_default=True)
+
+    # Where the embedded defaults live (SQLite file, broker folders, artifacts); made absolute at load
+    # so the API, the worker and subprocesses started from another cwd agree.
+    home: Path = Path(".lowrank")
+    # SQLAlchemy URL; empty -> sqlite:///<home>/lowrank.db. Postgres: postgresql+psycopg://user@host/db
+    database_url: str = ""
+    # Celery broker URL; "filesystem://" (default) -> folders under <home>/broker. Production: redis://...
+    broker_url: str = EMBEDDED_BROKER_URL
+    # Root of every file a job or an upload writes: <artifact_root>/<job_id>/..., <artifact_root>/uploads/
+    artifact_root: Path | None = None
+    # Prefix of every Celery queue name; tests set a unique one so parallel runs never share queues.
+    queue_prefix: str = "lowrank."
+
+    # Authentication of API requests: "off" (loopback-only embedded use) or "required" (Bearer tokens).
+    auth: Literal["off", "required"] = "off"
+
+    # Limits, each enforced with a clear 413/422 naming it.
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # JSON request bodies
+    max_upload_bytes: int = Field(512 << 20, ge=1024)  # uploaded weight files
+    max_sweep_points: int = Field(10_000, ge=1)  # jobs one sweep may create
+    max_matrix_elements: int = Field(1 << 26, ge=1)  # m*d of a weight matrix (64 Mi elements = 256 MiB fp32)
+    max_rank: int = Field(4096, ge=1)
+    max_epochs: int = Field(1000, ge=1)
+    max_mc_samples: int = Field(1_000_000, ge=0)
+    # Folders an `imagefolder` train job may read (comma-free JSON list in env: '["/data"]').
+    data_roots: list[Path] = Field(default_factory=list)
+
+    # Worker liveness: a running job heartbeats every heartbeat_interval_s; after stale_after_s of
+    # silence the reaper re-queues it, at most max_attempts runs in all.
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    stale_after_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    reap_interval_s: float = Field(30.0, gt=0)
+    # Per-job time limits (seconds): soft raises inside the task so it can record `failed`; hard kills.
+    job_soft_time_limit_s: float = Field(48 * 3600, gt=0)
+    job_time_limit_s: float = Field(48 * 3600 + 300, gt=0)
+    # Redis re-delivers an unacked message after this long; must exceed the longest job (hard limit).
+    visibility_timeout_s: float = Field(7 * 24 * 3600, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "Settings":
+        self.home = self.home.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'lowrank.db'}"
+        if self.artifact_root is None:
+            self.artifact_root = self.home / "artifacts"
+        self.artifact_root = self.artifact_root.expanduser().resolve()
+        self.data_roots = [p.expanduser().resolve() for p in self.data_roots]
+        if self.job_soft_time_limit_s >= self.job_time_limit_s:
+            raise ValueError("job_soft_time_limit_s must be below job_time_limit_s")
+        if self.visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError("visibility_timeout_s must exceed job_time_limit_s (longest job)")
+        if self.stale_after_s <= self.heartbeat_interval_s:
+            raise ValueError("stale_after_s must exceed heartbeat_interval_s")
+        return self
+
+    @property
+    def artifacts(self) -> Path:
+        """`artifact_root` as a non-optional Path (always set after validation)."""
+        assert self.artifact_root is not None
+        return self.artifact_root
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url == EMBEDDED_BROKER_URL
+
+    @property
+    def broker_folder(self) -> Path:
+        """Folder of the embedded filesystem transport (messages in `queue/`, acked ones dropped)."""
+        return self.home / "broker"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment (LOWRANK_*)."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget cached settings and database engines (tests change LOWRANK_* env vars, then call this)."""
+    get_settings.cache_clear()
+    from jobs import db  # local import: db imports settings
+
+    db.dispose_engines()
