@@ -1,0 +1,356 @@
+"""Process commands: `lowrank db upgrade`, `lowrank api`, `lowrank worker`, `lowrank up`, `lowrank demo`.
+
+`lowrank up` is the embedded default: with no configuration, a SQLite file and Celery's
+filesystem transport under ./.lowrank/ (nothing to install); with LOWRANK_DATABASE_URL and
+LOWRANK_BROKER_URL set it uses those. Either way it migrates the database, then runs the API
+(`lowrank api`) and one local worker (`lowrank worker`) as two child processes of itself:
+the same commands compose and clusters run, so the code path is the same.
+
+Nothing here imports torch: the worker's Celery process does, in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from lowrank.cli._common import CliError
+
+DEMO_RANKS = (1, 4, 16, 64)
+DEMO_METHODS = ("spectral", "rescale", "nkp")
+DEMO_SHAPE = (1024, 256)  # m x d of the gaussian weight matrix the demo approximates
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("db", help="database schema (Alembic migrations)")
+    dbsub = p.add_subparsers(dest="db_command", metavar="DB_COMMAND")
+    dbsub.required = True
+    up = dbsub.add_parser("upgrade", help="migrate the database (LOWRANK_DATABASE_URL) to the head revision")
+    up.set_defaults(handler=cmd_db_upgrade)
+
+    p = sub.add_parser("api", help="run the REST API alone (refuses a database not at the head revision)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=cmd_api)
+
+    p = sub.add_parser("worker", help="run Celery worker(s): one process, or one per GPU with --gpus")
+    _add_worker_args(p)
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("up", help="migrate, then run the API and one local worker together (Ctrl-C stops both)")
+    p.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs the local worker runs at once (default 1)")
+    p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser("demo", help="`lowrank up`, submit a small rank sweep, print its table, keep serving")
+    p.add_argument("--host", default="127.0.0.1", help="API address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    p.add_argument("--no-serve", action="store_true", help="stop after printing the table (for scripts)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the sweep (default 600)")
+    p.set_defaults(handler=cmd_demo)
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queues", default=None,
+                   help="devices whose queues to consume: cpu, gpu or cpu,gpu "
+                        "(default: gpu with --gpus, else cpu,gpu)")
+    p.add_argument("--gpus", default=None,
+                   help="'all' or GPU ids (0,1 or GPU-uuids): one worker process per GPU with "
+                        "CUDA_VISIBLE_DEVICES set to it")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs each worker process runs at once (default 1)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                   help="Celery pool (default prefork; time limits need prefork)")
+    p.add_argument("--loglevel", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--hostname", default=None, help="host part of the node names (default: this host)")
+    p.add_argument("--dry-run", action="store_true", help="print the planned processes and exit")
+
+
+# --------------------------------------------------------------------------- db / api
+
+
+def _migrate() -> None:
+    from jobs import migrate
+
+    migrate.upgrade()
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from jobs import migrate
+    from jobs.settings import get_settings
+
+    url = get_settings().database_url
+    migrate.upgrade()
+    print(f"database at head revision {migrate.head_revision()} ({_redact(url)})")
+    return 0
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def check_database_at_head() -> None:
+    """Raise CliError naming both revisions unless the database is at the Alembic head."""
+    from jobs import migrate
+    from jobs.settings import get_settings
+
+    url = get_settings().database_url
+    try:
+        current, head = migrate.current_revision(), migrate.head_revision()
+    except Exception as exc:  # a down server is the user's to fix: say which URL
+        raise CliError(f"cannot read the schema revision of {_redact(url)}: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if current != head:
+        raise CliError(f"database {_redact(url)} is at revision {current or 'none (empty)'}, "
+                       f"head is {head}: run `lowrank db upgrade` first")
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    if not (0 < args.port < 65536):
+        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    check_database_at_head()
+    import uvicorn
+
+    uvicorn.run("api.main:app", host=args.host, port=args.port, workers=args.workers,
+                log_level=args.log_level, proxy_headers=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def plan_from_args(args: argparse.Namespace) -> list:
+    from worker.launcher import LaunchError, celery_queue_names, parse_gpu_option, parse_queues, plan_workers
+
+    try:
+        gpus = parse_gpu_option(args.gpus) if args.gpus is not None else None
+        devices = parse_queues(args.queues or ("gpu" if gpus is not None else "cpu,gpu"))
+        return plan_workers(queues=celery_queue_names(devices), gpus=gpus, concurrency=args.concurrency,
+                            pool=args.pool, loglevel=args.loglevel, hostname=args.hostname)
+    except LaunchError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.launcher import run_processes
+
+    plan = plan_from_args(args)
+    if args.dry_run:
+        for proc in plan:
+            env = " ".join(f"{k}={v}" for k, v in proc.env.items())
+            print(f"{proc.name}: {env + ' ' if env else ''}{' '.join(proc.argv)}")
+        return 0
+    return run_processes(plan, label="lowrank worker")
+
+
+# --------------------------------------------------------------------------- up
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from jobs.settings import get_settings
+    from worker.launcher import PlannedProcess, run_processes
+
+    if not (0 < args.port < 65536):
+        raise CliError(f"--port must be in 1..65535, got {args.port}")
+    _check_port_free(args.host, args.port)
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    _migrate()
+    if settings.auth == "off" and args.host not in ("127.0.0.1", "localhost", "::1"):
+        raise CliError(f"--host {args.host} is not a loopback address: set LOWRANK_AUTH=required "
+                       f"to serve other machines")
+    where = (f"SQLite + filesystem broker under {settings.home}" if settings.is_sqlite and settings.is_embedded_broker
+             else f"database {_redact(settings.database_url)}, broker {_redact(settings.broker_url)}")
+    print(f"lowrank up: {where}; API on http://{_url_host(args.host)}:{args.port} "
+          f"(auth {settings.auth}); Ctrl-C stops both", file=sys.stderr, flush=True)
+    py = sys.executable
+    plan = [
+        PlannedProcess("api", [py, "-m", "lowrank", "api", "--host", args.host, "--port", str(args.port)]),
+        PlannedProcess("worker", [py, "-m", "lowrank", "worker", "--queues", "cpu,gpu",
+                                  "--concurrency", str(args.concurrency)]),
+    ]
+    # The two belong together: if one dies, stop the other and report it (nothing restarts silently).
+    return run_processes(plan, label="lowrank up", stop_all_on_exit=True)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"--port {port} on {host} is not available ({exc.strerror}); "
+                           f"pick another with --port") from None
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo_specs() -> list[dict[str, Any]]:
+    """The demo's jobs: ranks x methods on one gaussian matrix (as individual approx specs)."""
+    m, d = DEMO_SHAPE
+    return [{"kind": "approx", "weights": {"source": "gaussian", "m": m, "d": d}, "rank": r,
+             "method": meth, "seed": 0, "name": f"demo {meth} r={r}", "tags": ["demo"]}
+            for meth in DEMO_METHODS for r in DEMO_RANKS]
+
+
+def demo_sweep() -> dict[str, Any]:
+    """The same grid as one POST /api/v1/sweeps body."""
+    m, d = DEMO_SHAPE
+    return {"name": "demo rank sweep", "tags": ["demo"],
+            "base": {"kind": "approx", "weights": {"source": "gaussian", "m": m, "d": d},
+                     "rank": DEMO_RANKS[0], "method": DEMO_METHODS[0], "tags": ["demo"]},
+            "grid": {"rank": list(DEMO_RANKS), "method": list(DEMO_METHODS)}, "seeds": [0]}
+
+
+def submit_demo(client, *, use_sweeps: bool) -> tuple[list[str], str | None]:
+    """Submit the demo grid; returns (job ids, sweep id or None)."""
+    if use_sweeps:
+        r = client.post("/api/v1/sweeps", json=demo_sweep())
+        _raise_for(r, "POST /api/v1/sweeps")
+        body = r.json()
+        sweep_id = str(body["id"])
+        ids = [str(j) for j in body.get("job_ids", [])]
+        if not ids:
+            r = client.get("/api/v1/jobs", params={"sweep": sweep_id, "limit": 1000})
+            _raise_for(r, "GET /api/v1/jobs")
+            ids = [str(j["id"]) for j in r.json()["items"]]
+        return ids, sweep_id
+    ids = []
+    for spec in demo_specs():
+        r = client.post("/api/v1/jobs", json=spec)
+        _raise_for(r, "POST /api/v1/jobs")
+        ids.append(str(r.json()["id"]))
+    return ids, None
+
+
+def _raise_for(r, what: str) -> None:
+    if r.status_code >= 400:
+        raise CliError(f"{what} answered {r.status_code}: {r.text[:300]}")
+
+
+def wait_for_jobs(client, ids: list[str], timeout: float, on_update=None) -> list[dict[str, Any]]:
+    """Poll GET /api/v1/jobs/{id} until every job is finished; returns the job bodies in order."""
+    deadline = time.monotonic() + timeout
+    done: dict[str, dict[str, Any]] = {}
+    while True:
+        for jid in ids:
+            if jid in done:
+                continue
+            r = client.get(f"/api/v1/jobs/{jid}")
+            _raise_for(r, f"GET /api/v1/jobs/{jid}")
+            body = r.json()
+            if body["status"] in ("succeeded", "failed", "cancelled"):
+                done[jid] = body
+        if on_update is not None:
+            on_update(len(done), len(ids))
+        if len(done) == len(ids):
+            return [done[j] for j in ids]
+        if time.monotonic() > deadline:
+            raise CliError(f"--timeout: {len(ids) - len(done)} of {len(ids)} jobs not finished "
+                           f"after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def results_table(jobs: list[dict[str, Any]]):
+    """A rich Table: one row per method, one column per rank, cells = normalized function error."""
+    from rich.table import Table
+
+    m, d = DEMO_SHAPE
+    table = Table(title=f"Normalized function error L(UV)/L(0), gaussian {m}x{d}, seed 0")
+    ranks = sorted({j["spec"]["rank"] for j in jobs})
+    methods = list(dict.fromkeys(j["spec"]["method"] for j in jobs))
+    table.add_column("method")
+    for r in ranks:
+        table.add_column(f"rank {r}", justify="right")
+    table.add_column("time (s)", justify="right")
+    for meth in methods:
+        cells, total = [], 0.0
+        for r in ranks:
+            job = next(j for j in jobs if j["spec"]["method"] == meth and j["spec"]["rank"] == r)
+            if job["status"] == "succeeded":
+                cells.append(f"{job['result']['error']:.4f}")
+                total += float(job["result"].get("time_s", 0.0))
+            else:
+                cells.append(f"[red]{job['status']}[/red]")
+        table.add_row(meth, *cells, f"{total:.2f}")
+    return table
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import httpx
+    from rich.console import Console
+
+    console = Console()
+    base = f"http://{_url_host(args.host)}:{args.port}"
+    _check_port_free(args.host, args.port)
+    up = subprocess.Popen([sys.executable, "-m", "lowrank", "up", "--host", args.host, "--port", str(args.port)],
+                          process_group=0)
+
+    def stop_up() -> int:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            try:
+                return up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                up.send_signal(signal.SIGINT)  # second Ctrl-C: cold shutdown
+                return up.wait()
+        return up.returncode
+
+    try:
+        with httpx.Client(base_url=base, timeout=30.0) as client:
+            _wait_ready(client, up, timeout=120.0)
+            paths = client.get("/openapi.json").json().get("paths", {})
+            use_sweeps = "/api/v1/sweeps" in paths
+            t0 = time.monotonic()
+            ids, sweep_id = submit_demo(client, use_sweeps=use_sweeps)
+            console.print(f"submitted {len(ids)} approximation jobs "
+                          f"({'sweep ' + sweep_id if sweep_id else 'individual jobs'}); waiting...")
+            with console.status("running") as status:
+                jobs = wait_for_jobs(client, ids, args.timeout,
+                                     on_update=lambda n, t: status.update(f"{n}/{t} jobs finished"))
+            console.print(results_table(jobs))
+            console.print(f"{len(jobs)} jobs in {time.monotonic() - t0:.1f} s")
+            console.print(f"dashboard: {base}/" + (f"  (sweep page: {base}/sweeps/{sweep_id})" if sweep_id else ""))
+            console.print(f"API docs:  {base}/docs")
+        if args.no_serve:
+            return stop_up()
+        console.print("serving until Ctrl-C")
+        return up.wait()
+    except KeyboardInterrupt:
+        stop_up()
+        return 0
+    except BaseException:
+        stop_up()
+        raise
+
+
+def _wait_ready(client, proc: subprocess.Popen, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise CliError(f"`lowrank up` exited with code {proc.returncode} before the API was ready")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise CliError(f"the API was not ready after {timeout:.0f} s")
+

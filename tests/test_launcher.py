@@ -1,0 +1,200 @@
+"""`lowrank worker` process layout: one Celery worker per GPU, from fake GPU lists.
+
+The planning tests run no process. The last test starts real `celery worker` children through
+`lowrank worker --gpus all` with a fake CUDA_VISIBLE_DEVICES on Redis, pings them by node name,
+reads their environment from /proc, kills one (it is reported, not restarted) and stops the
+launcher with SIGTERM (forwarded: the other one shuts down warm).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from worker.launcher import LaunchError, parse_gpu_option, parse_queues, plan_workers
+
+QUEUES = ["t.gpu.high", "t.gpu.normal", "t.gpu.low"]
+
+
+def fake_nvidia_smi(tmp_path: Path, lines: str) -> str:
+    exe = tmp_path / "nvidia-smi"
+    exe.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_gpus_all_from_cuda_visible_devices():
+    assert parse_gpu_option("all", {"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    uuids = "GPU-1a2b3c4d-0000-1111-2222-333344445555,GPU-9f8e7d6c-0000-1111-2222-333344445555"
+    assert parse_gpu_option("all", {"CUDA_VISIBLE_DEVICES": uuids}) == uuids.split(",")
+
+
+def test_gpus_all_from_nvidia_smi(tmp_path):
+    smi = fake_nvidia_smi(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaa)\n"
+                                    "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbb)\n"
+                                    "GPU 2: NVIDIA H100 80GB HBM3 (UUID: GPU-ccc)")
+    assert parse_gpu_option("all", {}, nvidia_smi=smi) == ["0", "1", "2"]
+
+
+def test_gpu_errors_name_the_field(tmp_path):
+    with pytest.raises(LaunchError, match="--gpus all: nvidia-smi not found"):
+        parse_gpu_option("all", {}, nvidia_smi=str(tmp_path / "missing-nvidia-smi"))
+    with pytest.raises(LaunchError, match="no GPU found"):
+        parse_gpu_option("all", {"CUDA_VISIBLE_DEVICES": ""})
+    with pytest.raises(LaunchError, match=r"--gpus 4 not in CUDA_VISIBLE_DEVICES='2,3'"):
+        parse_gpu_option("2,4", {"CUDA_VISIBLE_DEVICES": "2,3"})
+    with pytest.raises(LaunchError, match="lists a GPU twice"):
+        parse_gpu_option("0,0", {})
+    with pytest.raises(LaunchError, match="not a GPU index"):
+        parse_gpu_option("0,x", {})
+    with pytest.raises(LaunchError, match="unknown queue 'tpu'; allowed: cpu, gpu"):
+        parse_queues("cpu,tpu")
+
+
+def test_plan_one_worker_per_gpu():
+    plan = plan_workers(queues=QUEUES, gpus=["0", "1", "3"], hostname="node7", cpu_count=12, environ={})
+    assert [p.name for p in plan] == ["worker@node7-gpu0", "worker@node7-gpu1", "worker@node7-gpu3"]
+    for p, gpu in zip(plan, ["0", "1", "3"]):
+        assert p.env["CUDA_VISIBLE_DEVICES"] == gpu
+        assert p.env["OMP_NUM_THREADS"] == "4"  # 12 cores / 3 workers
+        argv = p.argv
+        assert argv[1:6] == ["-m", "celery", "-A", "worker.celery_app:app", "worker"]
+        assert argv[argv.index("-n") + 1] == p.name
+        assert argv[argv.index("-Q") + 1] == ",".join(QUEUES)
+        assert argv[argv.index("-c") + 1] == "1"
+    # UUID GPUs get positional names; a caller's OMP_NUM_THREADS is kept.
+    plan = plan_workers(queues=QUEUES, gpus=["GPU-aaa", "GPU-bbb"], hostname="n", environ={"OMP_NUM_THREADS": "2"})
+    assert [p.name for p in plan] == ["worker@n-gpu0", "worker@n-gpu1"]
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan] == ["GPU-aaa", "GPU-bbb"]
+    assert all("OMP_NUM_THREADS" not in p.env for p in plan)
+    # No --gpus: one worker, environment untouched.
+    (single,) = plan_workers(queues=QUEUES, gpus=None, hostname="n", concurrency=2)
+    assert single.name == "worker@n" and single.env == {}
+    assert single.argv[single.argv.index("-c") + 1] == "2"
+
+
+def _lowrank(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowrank", *args], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_cli_dry_run_and_errors(tmp_path):
+    env = {**os.environ, "LOWRANK_HOME": str(tmp_path), "LOWRANK_QUEUE_PREFIX": "dry.",
+           "CUDA_VISIBLE_DEVICES": "1,2"}
+    out = _lowrank("worker", "--gpus", "all", "--hostname", "h", "--dry-run", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("worker@h-gpu1: CUDA_VISIBLE_DEVICES=1 ")
+    assert lines[1].startswith("worker@h-gpu2: CUDA_VISIBLE_DEVICES=2 ")
+    assert "-Q dry.gpu.high,dry.gpu.normal,dry.gpu.low " in lines[0]  # default with --gpus: gpu queues
+    out = _lowrank("worker", "--hostname", "h", "--dry-run", env=env)
+    assert "-Q dry.cpu.high,dry.gpu.high,dry.cpu.normal,dry.gpu.normal,dry.cpu.low,dry.gpu.low " in out.stdout
+    out = _lowrank("worker", "--gpus", "7", "--dry-run", env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --gpus 7 not in CUDA_VISIBLE_DEVICES='1,2' (the GPUs this process may use)"
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def _redis_up() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _ping(app, names: list[str], timeout: float) -> set[str]:
+    """Node names among `names` that answer a broadcast ping within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    while time.monotonic() < deadline and seen != set(names):
+        for reply in app.control.ping(destination=names, timeout=1.0) or []:
+            seen.update(reply)
+    return seen
+
+
+@pytest.mark.service
+@pytest.mark.timeout(180)
+def test_real_workers_per_fake_gpu(tmp_path):
+    if not _redis_up():
+        if os.environ.get("LOWRANK_TEST_REQUIRE_SERVICES"):
+            pytest.fail("Redis at 127.0.0.1:6379 is required (LOWRANK_TEST_REQUIRE_SERVICES=1)")
+        pytest.skip("Redis at 127.0.0.1:6379 is not reachable")
+    from jobs.queue import make_celery
+    from jobs.settings import Settings
+
+    tag = uuid.uuid4().hex[:8]
+    env = {**os.environ,
+           "LOWRANK_HOME": str(tmp_path), "LOWRANK_BROKER_URL": "redis://127.0.0.1:6379/0",
+           "LOWRANK_QUEUE_PREFIX": f"launchtest-{tag}.", "LOWRANK_REAP_INTERVAL_S": "3600",
+           "CUDA_VISIBLE_DEVICES": "3,5"}  # fake GPUs: nothing here touches CUDA
+    env.pop("OMP_NUM_THREADS", None)
+    host = f"lt{tag}"
+    names = [f"worker@{host}-gpu3", f"worker@{host}-gpu5"]
+    launcher = subprocess.Popen([sys.executable, "-m", "lowrank", "worker", "--gpus", "all", "--hostname", host,
+                                 "--loglevel", "WARNING"], env=env, stderr=subprocess.PIPE, text=True)
+    app = make_celery(Settings(broker_url="redis://127.0.0.1:6379/0", home=tmp_path))
+    try:
+        assert _ping(app, names, timeout=90) == set(names)
+
+        kids = _children(launcher.pid)
+        assert len(kids) == 2
+        by_gpu = {}
+        for pid in kids:
+            e, argv = _environ(pid), _cmdline(pid)
+            by_gpu[e["CUDA_VISIBLE_DEVICES"]] = pid
+            assert argv[argv.index("-n") + 1] == f"worker@{host}-gpu{e['CUDA_VISIBLE_DEVICES']}"
+            assert e["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
+            # The pool process that runs jobs inherits the one GPU.
+            assert [_environ(c)["CUDA_VISIBLE_DEVICES"] for c in _children(pid)] == [e["CUDA_VISIBLE_DEVICES"]]
+        assert set(by_gpu) == {"3", "5"}
+        # The launcher itself never loaded torch (so it cannot have initialized CUDA).
+        maps = Path(f"/proc/{launcher.pid}/maps").read_text()
+        assert "libtorch" not in maps and "libcuda" not in maps
+        assert "libtorch" in Path(f"/proc/{by_gpu['3']}/maps").read_text()  # the workers did
+
+        # A worker dying is reported and not restarted; the other keeps serving.
+        os.kill(by_gpu["3"], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(_children(launcher.pid)) != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert _children(launcher.pid) == [by_gpu["5"]]
+        assert _ping(app, [names[1]], timeout=10) == {names[1]}
+
+        # SIGTERM is forwarded: warm shutdown of the other; the launcher reports the earlier death.
+        launcher.send_signal(signal.SIGTERM)
+        rc = launcher.wait(timeout=60)
+        err = launcher.stderr.read()
+        assert rc == 128 + signal.SIGKILL, err
+        assert f"{names[0]} pid={by_gpu['3']} exited on its own with code -9; not restarted; 1 of 2 still running" in err
+        assert f"{names[1]} stopped (exit 0)" in err
+        assert not Path(f"/proc/{by_gpu['5']}").exists() or "zombie" in Path(f"/proc/{by_gpu['5']}/status").read_text()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

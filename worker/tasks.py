@@ -1,0 +1,276 @@
+"""Thin Celery tasks: take a job id, claim the row, run one core call, record the outcome.
+
+run_job(job_id):
+  1. store.claim_job — an atomic UPDATE; None means a duplicate delivery (the job is running
+     with a fresh heartbeat, finished, or cancelled while queued): do nothing.
+  2. a heartbeat thread (every settings.heartbeat_interval_s) reports progress and reads the
+     cancel flag, which the runner checks between steps;
+  3. worker/runners.py turns the spec into a core/ call; metrics are written in batches;
+  4. store.finish_job: succeeded + result, failed + error text and traceback tail, or cancelled.
+The task itself never raises for a job's failure: the message is acked and the worker serves on.
+Time limits: the soft limit raises SoftTimeLimitExceeded inside the task (recorded as failed
+with a message naming the limit); if the job ignores it until the hard limit, Celery kills the
+pool process and `JobRequest.on_timeout` records the failure from the worker's main process.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
+
+from jobs import store
+from jobs.errors import NotFound
+from jobs.queue import TASK_REAP, TASK_RUN_JOB, enqueue_job
+from jobs.settings import get_settings
+from jobs.specs import parse_spec
+
+log = logging.getLogger(__name__)
+
+TRACEBACK_TAIL_CHARS = 4000
+METRICS_BATCH_ROWS = 200      # flush the metric buffer at this many rows...
+METRICS_BATCH_SECONDS = 2.0   # ...or when its oldest row is this old (and at the end)
+
+
+def worker_name(hostname: str | None, pid: int | None = None) -> str:
+    """The owner recorded on a claimed job: Celery node name + pool process id."""
+    return f"{hostname or 'worker@unknown'}:{pid or os.getpid()}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class MetricsBuffer:
+    """Rows (name, step, value) written with store.record_metrics in batches.
+
+    A failed write (database briefly down) keeps the rows and retries at the next flush; writes
+    are idempotent on (job, name, step), so a retried batch never doubles a point.
+    """
+
+    def __init__(self, job_id: str, max_rows: int = METRICS_BATCH_ROWS, max_age_s: float = METRICS_BATCH_SECONDS):
+        self.job_id, self.max_rows, self.max_age_s = job_id, max_rows, max_age_s
+        self.rows: list[tuple[str, int, float]] = []
+        self.first_at: float | None = None
+        self.written = 0
+        self._lock = threading.Lock()
+
+    def add(self, rows: list[tuple[str, int, float]]) -> None:
+        with self._lock:
+            if not self.rows:
+                self.first_at = time.monotonic()
+            self.rows.extend(rows)
+            due = len(self.rows) >= self.max_rows or time.monotonic() - (self.first_at or 0) >= self.max_age_s
+        if due:
+            self.flush(raise_errors=False)
+
+    def flush(self, *, raise_errors: bool = True, attempts: int = 1, backoff_s: float = 1.0) -> None:
+        with self._lock:
+            for attempt in range(attempts):
+                if not self.rows:
+                    return
+                try:
+                    store.record_metrics(self.job_id, list(self.rows))
+                except Exception:
+                    log.warning("job %s: writing %d metric rows failed (attempt %d/%d)", self.job_id,
+                                len(self.rows), attempt + 1, attempts, exc_info=True)
+                    if attempt + 1 == attempts:
+                        if raise_errors:
+                            raise
+                        return
+                    time.sleep(backoff_s * (attempt + 1))
+                    continue
+                self.written += len(self.rows)
+                self.rows.clear()
+                self.first_at = None
+                return
+
+
+class RunContext:
+    """The runner's view of its job (see worker.runners.JobContext)."""
+
+    def __init__(self, job_id: str, owner: str, artifact_dir: Path) -> None:
+        self.job_id, self.owner, self.artifact_dir = job_id, owner, artifact_dir
+        self.cancel = threading.Event()
+        self.progress: float | None = None
+        self.metrics = MetricsBuffer(job_id)
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set()
+
+    def check_cancel(self) -> None:
+        from worker.runners import JobCancelled
+
+        if self.cancel.is_set():
+            raise JobCancelled("cancel requested")
+
+    def set_progress(self, frac: float) -> None:
+        self.progress = min(1.0, max(0.0, float(frac)))
+
+    def add_metrics(self, rows: list[tuple[str, int, float]]) -> None:
+        self.metrics.add(rows)
+
+    def add_artifact(self, name: str, path: Path) -> None:
+        path = Path(path)
+        store.add_artifact(self.job_id, name, str(path), path.stat().st_size, sha256_file(path))
+
+
+class Heartbeat(threading.Thread):
+    """Every `interval_s`: store.heartbeat(progress); a True answer sets the job's cancel flag."""
+
+    def __init__(self, ctx: RunContext, interval_s: float) -> None:
+        super().__init__(name=f"heartbeat-{ctx.job_id[:8]}", daemon=True)
+        self.ctx, self.interval_s = ctx, interval_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            if store.heartbeat(self.ctx.job_id, self.ctx.owner, self.ctx.progress):
+                self.ctx.cancel.set()
+        except Exception:
+            # A database blip must not kill the job; a long outage makes the job stale, and the
+            # reaper re-queues it (a train job resumes from its checkpoint).
+            log.warning("job %s: heartbeat failed", self.ctx.job_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message` and the traceback's tail (the frames nearest the error)."""
+    head = f"{type(exc).__name__}: {exc}".strip()
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(tb) > TRACEBACK_TAIL_CHARS:
+        tb = "...\n" + tb[-TRACEBACK_TAIL_CHARS:]
+    return f"{head}\n\n{tb}"
+
+
+def run_job(task: Task, job_id: str) -> str:
+    """Body of TASK_RUN_JOB. Returns the recorded status, or "skipped" for a duplicate delivery."""
+    from worker.runners import JobCancelled, run_spec
+
+    settings = get_settings()
+    owner = worker_name(task.request.hostname)
+    try:
+        job = store.claim_job(job_id, owner, stale_after_s=settings.stale_after_s)
+    except NotFound:
+        job = None
+    if job is None:
+        log.info("job %s: not claimable (finished, cancelled, or running elsewhere): skipped", job_id)
+        return "skipped"
+    log.info("job %s (%s): claimed by %s, attempt %d", job_id, job.kind, owner, job.attempts)
+    ctx = RunContext(str(job.id), owner, settings.artifacts / str(job.id))
+    if job.cancel_requested:
+        ctx.cancel.set()
+    beat = Heartbeat(ctx, settings.heartbeat_interval_s)
+    beat.start()
+    status, result, error = "failed", None, None
+    try:
+        try:
+            result = run_spec(parse_spec(job.spec), ctx)
+            status = "succeeded"
+        except JobCancelled:
+            status = "cancelled"
+        except SoftTimeLimitExceeded:
+            error = (f"time limit exceeded: the job ran longer than {settings.job_soft_time_limit_s:g} s "
+                     f"(LOWRANK_JOB_SOFT_TIME_LIMIT_S) and was stopped")
+        except Exception as exc:  # noqa: BLE001 - any job error is recorded, the worker serves on
+            error = error_text(exc)
+        try:
+            # Metrics first: a job is only reported finished once its series is complete.
+            ctx.metrics.flush(attempts=5)
+        except Exception as exc:  # noqa: BLE001
+            if status == "succeeded":
+                status, error = "failed", "could not write the job's metrics: " + error_text(exc)
+    finally:
+        beat.stop()
+    ok = store.finish_job(str(job.id), owner, status, result=result, error=error)
+    if not ok:
+        log.warning("job %s: no longer owned by %s (re-queued after a stale heartbeat?); "
+                    "outcome %s not recorded", job_id, owner, status)
+        return "lost"
+    log.info("job %s: %s", job_id, status)
+    return status
+
+
+class JobRequest(Request):
+    """Records a hard time limit kill in the database (the killed pool process cannot)."""
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft and self.args:
+            job_id = str(self.args[0])
+            owner = worker_name(self.hostname, self.worker_pid)
+            try:
+                store.finish_job(job_id, owner, "failed",
+                                 error=f"time limit exceeded: the job did not stop within {timeout:g} s "
+                                       f"(LOWRANK_JOB_TIME_LIMIT_S); its worker process was killed")
+            except Exception:  # noqa: BLE001 - the reaper will re-queue or fail it later
+                log.exception("job %s: could not record the hard time limit", job_id)
+        super().on_timeout(soft, timeout)
+
+
+class JobTask(Task):
+    Request = JobRequest
+    # Long jobs: acks_late + reject on worker loss come from the app config (jobs.queue.make_celery).
+
+
+def lost_after_s(settings) -> float:
+    """Age after which a queued job's message counts as lost and is sent again.
+
+    Long: a job may legitimately wait hours behind others, and each re-send adds a (harmless,
+    claim-guarded) duplicate message to its queue. Jobs never enqueued (the API died between its
+    commit and the send) are caught by the same rule.
+    """
+    return max(3600.0, 10 * settings.stale_after_s)
+
+
+def reap_stale_jobs(app: Celery) -> list[str]:
+    """Re-queue running jobs whose heartbeat is older than settings.stale_after_s; re-enqueue them.
+
+    Jobs over settings.max_attempts are failed by the store instead; queued jobs whose message
+    looks lost (see lost_after_s) are sent again. Returns the ids sent.
+    """
+    settings = get_settings()
+    requeued = store.requeue_stale_jobs(settings.stale_after_s, settings.max_attempts)
+    for job_id, device, priority in requeued:
+        enqueue_job(app, str(job_id), device, priority)
+        log.warning("job %s: heartbeat older than %g s; re-queued on %s/%s",
+                    job_id, settings.stale_after_s, device, priority)
+    lost = store.find_lost_queued_jobs(lost_after_s(settings))
+    for job_id, device, priority in lost:
+        enqueue_job(app, str(job_id), device, priority)
+        log.warning("job %s: queued without a recent message; sent again", job_id)
+    if lost:
+        store.mark_enqueued([j for j, _, _ in lost])
+    return [str(j) for j, _, _ in requeued + lost]
+
+
+def register(app: Celery) -> dict[str, Any]:
+    """Register the tasks on `app` under the names the API sends (jobs.queue)."""
+
+    @app.task(name=TASK_RUN_JOB, bind=True, base=JobTask)
+    def run_job_task(self: Task, job_id: str) -> str:
+        return run_job(self, job_id)
+
+    @app.task(name=TASK_REAP, bind=True)
+    def reap_task(self: Task) -> list[str]:
+        return reap_stale_jobs(self.app)
+
+    return {TASK_RUN_JOB: run_job_task, TASK_REAP: reap_task}
