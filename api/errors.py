@@ -1,0 +1,61 @@
+"""The one place that maps errors to HTTP: domain errors by their status, outages to 503.
+
+Routes never catch store errors; they propagate here. Validation errors keep FastAPI's shape
+(`{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`) so clients parse one format for 422.
+"""
+from __future__ import annotations
+
+import logging
+
+import pydantic
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerOperationalError
+from sqlalchemy import exc as sa_exc
+
+from jobs.errors import DomainError, InvalidInput
+
+log = logging.getLogger("api")
+
+_LOC_ROOTS = ("body", "query", "path", "header", "cookie")
+
+
+def _loc(loc: tuple[str | int, ...]) -> list[str | int]:
+    return list(loc) if loc and loc[0] in _LOC_ROOTS else ["body", *loc]
+
+
+def domain_error_response(exc: DomainError) -> JSONResponse:
+    if isinstance(exc, InvalidInput):
+        detail = [{"loc": _loc(exc.loc), "msg": exc.message, "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status_code=422)
+    body = {"detail": exc.message, "code": exc.code}
+    if exc.details:
+        body["info"] = jsonable_encoder(exc.details)
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> JSONResponse:
+        return domain_error_response(exc)
+
+    @app.exception_handler(pydantic.ValidationError)
+    async def _validation(_: Request, exc: pydantic.ValidationError) -> JSONResponse:
+        # A spec validated inside the store (e.g. a dict built from a sweep grid point).
+        detail = [{"loc": _loc(tuple(e["loc"])), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(sa_exc.OperationalError)
+    @app.exception_handler(sa_exc.InterfaceError)
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return JSONResponse({"detail": "the database is unavailable; retry later", "code": "unavailable"},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    @app.exception_handler(BrokerOperationalError)
+    async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("broker unavailable: %s", exc)
+        return JSONResponse({"detail": "the message broker is unavailable; retry later", "code": "unavailable"},
+                            status_code=503, headers={"Retry-After": "5"})

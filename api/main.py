@@ -1,0 +1,53 @@
+"""The API application: `create_app()` builds it, `app` is what uvicorn serves (`api.main:app`).
+
+This module only assembles: settings, the Celery sender, error handlers and routers.
+It never imports torch, core/ or worker/ (tests/test_api_no_torch.py checks).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.routes import health, jobs, uploads
+from jobs import migrate
+from jobs.db import dispose_engines
+from jobs.queue import make_celery
+from jobs.settings import get_settings
+
+log = logging.getLogger("api")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = app.state.settings
+    # Refuse to serve a database whose schema this code does not match (clear error, exit).
+    migrate.require_head(settings.database_url)
+    settings.artifacts.mkdir(parents=True, exist_ok=True)
+    app.state.celery = make_celery(settings)
+    yield
+    app.state.celery.close()
+    dispose_engines()
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="lowrank-lab", version="0.1.0", lifespan=lifespan,
+                  description="Low-rank approximation and factored-network training jobs, sweeps and results.")
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (health, jobs, uploads):
+        app.include_router(module.router)
+    # Optional routers owned by other areas; included when present in this build.
+    for name in ("api.routes.prometheus",):
+        if importlib.util.find_spec(name) is not None:
+            app.include_router(importlib.import_module(name).router)
+    return app
+
+
+app = create_app()

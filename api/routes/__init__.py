@@ -1,0 +1,1 @@
+"""One module per resource; each opens with its `router = APIRouter(prefix=..., tags=[...])`."""
