@@ -1,0 +1,590 @@
+"""Low-rank approximation of a ReLU layer's *function* (docs/MATH.md, Sections 1-5).
+
+A layer computes ``relu(W x)`` with ``W`` of shape ``(m, d)`` and inputs ``x ~ N(0, I_d)``.
+For a rank-r ``W' = U V`` (``U`` is ``(m, r)``, ``V`` is ``(r, d)``) its function error is
+
+    L(W') = E_x || relu(W x) - relu(W' x) ||^2,        reported as  L(W') / L(0),  L(0) = ||W||_F^2 / 2.
+
+Public API
+----------
+* :func:`function_error` - the closed form of Section 2 (float64), per row or total, optionally for
+  ``x ~ N(0, S)``.
+* :func:`mc_function_error` - a Monte Carlo estimate of the same number, with its standard error.
+* :func:`approximate` - rank-r factors by one of :data:`METHODS`:
+
+  ``spectral``   truncated SVD, balanced factors ``A S^{1/2}``, ``S^{1/2} B^T`` (Khodak et al.).
+  ``rescale``    spectral subspace, each row the optimally rescaled projection (Section 3).
+  ``nkp``        Nonlinear Kernel Projection: minorize-maximize subspace ascent from the spectral
+                 subspace (Section 4), then the optimal rows of Section 3.
+  ``random``     ``U``, ``V`` i.i.d. Gaussian with ``std = (2 / (d r))^{1/4}`` each, so every entry of
+                 ``U V`` has mean 0 and variance ``r * (2/(d r))^{1/2} * (2/(d r))^{1/2} = 2 / d``:
+                 the variance of the layer's full-rank Kaiming-normal init (fan_in = d, ReLU gain
+                 sqrt(2)), split evenly between the two factors.
+  ``reference``  direct L-BFGS minimization (float64) of the closed form over ``U``, ``V``, started
+                 from the better of ``nkp`` and ``spectral`` (a yardstick for tests/benchmarks).
+
+General covariance: if ``x ~ N(0, S)`` and ``S = L L^T`` then ``x = L z`` with ``z ~ N(0, I)``, so the
+error of ``W, W'`` under ``N(0, S)`` equals the ``N(0, I)`` error of ``W L, W' L`` (and
+``L(0) = tr(W S W^T) / 2``). We use the symmetric square root ``L = S^{1/2}`` (eigh), which also
+covers positive semi-definite ``S``.
+
+Everything is PyTorch and runs on the device of the input (or ``device=``): CPU or CUDA give the
+same numbers up to floating-point round-off. Reported numbers are float64.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "METHODS",
+    "Approximation",
+    "approximate",
+    "function_error",
+    "function_error_grad",
+    "mc_function_error",
+    "relu_kernel_h",
+]
+
+METHODS = ("spectral", "rescale", "nkp", "random", "reference")
+
+# Options each method accepts (besides `device`, which all accept). Unknown options are errors.
+_NKP_DEFAULTS: dict[str, Any] = {
+    "max_iter": 200,  # MM iterations per start
+    "tol": 1e-7,  # stop when the relative increase of F in one iteration is below this
+    "restarts": 0,  # extra starts: random subspaces inside the top-min(2r, d) singular subspace
+    "balanced": True,  # split the singular values of W' evenly between U and V (as spectral does)
+    "accelerate": True,  # safeguarded extrapolation between MM steps (accepted only if F improves)
+}
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "spectral": {"balanced": True},
+    "rescale": {"balanced": True},
+    "nkp": dict(_NKP_DEFAULTS),
+    "random": {},
+    "reference": {
+        "max_iter": 500,  # L-BFGS iterations
+        "tol": 1e-12,  # L-BFGS tolerance on the change of the normalized loss
+        "history_size": 20,
+        "nkp_options": None,  # dict of options for the nkp start (default: nkp's defaults)
+    },
+}
+
+_SQRT_EPS_GUARD = 1e-150  # norms below this count as zero rows (float64 norms of real rows are far larger)
+
+
+@dataclass
+class Approximation:
+    """Rank-``rank`` factors of ``W`` and how they were found.
+
+    U: (m, r) tensor, dtype of the input W, on the compute device.
+    V: (r, d) tensor, same dtype/device.  W' = U @ V.
+    error: normalized closed-form function error L(UV)/L(0), computed in float64 (dimensionless).
+    time_s: wall-clock seconds the method took (factor computation, not the final error evaluation).
+    iterations: method iterations (MM steps for nkp summed over starts, L-BFGS steps for reference, 0 else).
+    info: method-specific extras, JSON-able.
+    """
+
+    U: torch.Tensor
+    V: torch.Tensor
+    method: str
+    rank: int
+    error: float
+    time_s: float
+    iterations: int
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (no tensors)."""
+        return {
+            "method": self.method,
+            "rank": self.rank,
+            "error": self.error,
+            "time_s": self.time_s,
+            "iterations": self.iterations,
+            "info": self.info,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Section 2: closed form
+# --------------------------------------------------------------------------------------------
+
+
+def relu_kernel_h(c: torch.Tensor) -> torch.Tensor:
+    """h(c) = J(arccos c) / pi with J(t) = sin t + (pi - t) cos t; c is clamped to [-1, 1].
+
+    Elementwise, any shape; h(1) = 1, h(0) = 1/pi, h(-1) = 0.
+    """
+    c = c.clamp(-1.0, 1.0)
+    return (torch.sqrt((1.0 - c * c).clamp_min(0.0)) + (math.pi - torch.arccos(c)) * c) / math.pi
+
+
+def _h_prime(c: torch.Tensor) -> torch.Tensor:
+    """h'(c) = (pi - arccos c) / pi, in [1/2, 1] on [0, 1]."""
+    return (math.pi - torch.arccos(c.clamp(-1.0, 1.0))) / math.pi
+
+
+def _sqrt_psd(cov: torch.Tensor, d: int) -> torch.Tensor:
+    """Symmetric square root of a (d, d) positive semi-definite covariance, float64."""
+    if not isinstance(cov, torch.Tensor):
+        cov = torch.as_tensor(cov)
+    if cov.shape != (d, d):
+        raise ValueError(f"cov must have shape ({d}, {d}) to match W's {d} columns, got {tuple(cov.shape)}")
+    cov = cov.to(torch.float64)
+    if not torch.isfinite(cov).all():
+        raise ValueError("cov contains NaN or Inf")
+    scale = cov.abs().max().clamp_min(1e-300)
+    if (cov - cov.T).abs().max() > 1e-10 * scale:
+        raise ValueError("cov must be symmetric")
+    evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+    if evals.min() < -1e-10 * scale:
+        raise ValueError(f"cov must be positive semi-definite, its smallest eigenvalue is {evals.min().item():.3g}")
+    return (evecs * evals.clamp_min(0.0).sqrt()) @ evecs.T
+
+
+def _as_matrix(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, (tuple, list)) and len(x) == 2:  # (U, V) factors
+        U, V = (torch.as_tensor(t) for t in x)
+        return U.to(torch.float64) @ V.to(device=U.device, dtype=torch.float64)
+    x = torch.as_tensor(x)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
+    return x
+
+
+def _row_losses(A: torch.Tensor, B: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Per-row l(a_i, b_i) (Section 2) for float64 (m, d) matrices A, B; returns (m,) float64.
+
+    Uses the algebraically equal, cancellation-free form
+        l(a, b) = ||a - b||^2 / 2 - ||a|| ||b|| (sin t - t cos t) / pi,
+    with the angle t = 2 atan2(||a^ - b^||, ||a^ + b^||) (a^ = a/||a||), which is accurate even for
+    nearly (anti-)aligned rows and gives l(a, a) = 0 exactly. cos t is then automatically in [-1, 1].
+    Zero rows: the second term vanishes, so l(a, 0) = ||a||^2 / 2.
+    """
+    out = []
+    for s in range(0, A.shape[0], chunk):
+        a, b = A[s : s + chunk], B[s : s + chunk]
+        na, nb = a.norm(dim=1), b.norm(dim=1)
+        diff2 = (a - b).pow(2).sum(dim=1)
+        both = (na > _SQRT_EPS_GUARD) & (nb > _SQRT_EPS_GUARD)
+        ua = a / torch.where(both, na, 1.0)[:, None]
+        ub = b / torch.where(both, nb, 1.0)[:, None]
+        t = 2.0 * torch.atan2((ua - ub).norm(dim=1), (ua + ub).norm(dim=1))
+        corr = torch.where(both, na * nb * (torch.sin(t) - t * torch.cos(t)) / math.pi, 0.0)
+        out.append((diff2 / 2.0 - corr).clamp_min(0.0))  # l >= 0; clamp round-off below zero
+    return torch.cat(out) if out else A.new_zeros(0)
+
+
+def function_error(
+    W: torch.Tensor,
+    W_approx: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    *,
+    cov: torch.Tensor | None = None,
+    per_row: bool = False,
+    normalized: bool = True,
+) -> float | torch.Tensor:
+    """Closed-form function error E||relu(W x) - relu(W' x)||^2 for x ~ N(0, I) (or N(0, cov)).
+
+    W: (m, d); W_approx: (m, d) or a pair (U (m, r), V (r, d)); cov: optional (d, d) PSD covariance.
+    Computed in float64 on W's device. Returns a float (sum over the m outputs), or with
+    per_row=True a float64 tensor (m,) of per-output errors (summing to the total).
+    normalized=True divides by L(0) = ||W||_F^2 / 2 (= tr(W cov W^T)/2 with cov), so 0 is exact and
+    1 is as bad as the zero layer; raises ValueError if L(0) = 0 (W is zero), where it is undefined.
+    """
+    W = _as_matrix(W, "W")
+    Wa = _as_matrix(W_approx, "W_approx").to(W.device)
+    if Wa.shape != W.shape:
+        raise ValueError(f"W_approx must have W's shape {tuple(W.shape)}, got {tuple(Wa.shape)}")
+    A = W.to(torch.float64)
+    B = Wa.to(torch.float64)
+    if cov is not None:
+        root = _sqrt_psd(torch.as_tensor(cov), A.shape[1]).to(A.device)
+        A, B = A @ root, B @ root
+    rows = _row_losses(A, B)
+    if normalized:
+        L0 = A.pow(2).sum() / 2.0
+        if L0.item() <= 0.0:
+            raise ValueError("W is zero (under this covariance): the normalized error L(W')/L(0) is undefined")
+        rows = rows / L0
+    return rows if per_row else float(rows.sum().item())
+
+
+def function_error_grad(W: torch.Tensor, W_approx: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Normalized closed-form error and its gradient with respect to W_approx (both float64).
+
+    W, W_approx: (m, d). Row gradient (Section 2): d l / d b = b - (|a| sin t b^ + (pi - t) a) / pi,
+    divided by L(0). At a zero row b the subgradient with t = pi/2, b^ = 0 is used (-a/2).
+    """
+    A = W.to(torch.float64)
+    B = W_approx.to(torch.float64)
+    L0 = A.pow(2).sum() / 2.0
+    na, nb = A.norm(dim=1), B.norm(dim=1)
+    both = (na > _SQRT_EPS_GUARD) & (nb > _SQRT_EPS_GUARD)
+    ua = A / torch.where(na > _SQRT_EPS_GUARD, na, 1.0)[:, None]
+    ub = B / torch.where(nb > _SQRT_EPS_GUARD, nb, 1.0)[:, None]
+    t = torch.where(both, 2.0 * torch.atan2((ua - ub).norm(dim=1), (ua + ub).norm(dim=1)), math.pi / 2)
+    diff2 = (A - B).pow(2).sum(dim=1)
+    corr = torch.where(both, na * nb * (torch.sin(t) - t * torch.cos(t)) / math.pi, 0.0)
+    loss = (diff2 / 2.0 - corr).clamp_min(0.0).sum() / L0
+    grad = B - ((na * torch.sin(t))[:, None] * ub + (math.pi - t)[:, None] * A) / math.pi
+    return float(loss.item()), grad / L0
+
+
+def mc_function_error(
+    W: torch.Tensor,
+    W_approx: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    n_samples: int,
+    *,
+    seed: int = 0,
+    cov: torch.Tensor | None = None,
+    batch_size: int = 8192,
+) -> tuple[float, float]:
+    """Monte Carlo estimate of the normalized function error: (mean, standard error).
+
+    Draws n_samples inputs x ~ N(0, I_d) (or N(0, cov)) in float64 from a CPU generator seeded with
+    `seed` (so every device sees the same samples), averages ||relu(W x) - relu(W' x)||^2 and divides
+    by the exact L(0) = ||W||_F^2/2 (tr(W cov W^T)/2). stderr = sample std / sqrt(n) / L(0).
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"n_samples must be an integer >= 2, got {n_samples!r}")
+    W = _as_matrix(W, "W")
+    Wa = _as_matrix(W_approx, "W_approx").to(W.device)
+    if Wa.shape != W.shape:
+        raise ValueError(f"W_approx must have W's shape {tuple(W.shape)}, got {tuple(Wa.shape)}")
+    A, B = W.to(torch.float64), Wa.to(torch.float64)
+    if cov is not None:
+        root = _sqrt_psd(torch.as_tensor(cov), A.shape[1]).to(A.device)
+        A, B = A @ root, B @ root  # x = root z, so W x = (W root) z
+    L0 = float(A.pow(2).sum().item()) / 2.0
+    if L0 <= 0.0:
+        raise ValueError("W is zero (under this covariance): the normalized error L(W')/L(0) is undefined")
+    gen = torch.Generator().manual_seed(int(seed))
+    total, total_sq, done = 0.0, 0.0, 0
+    while done < n_samples:
+        b = min(batch_size, n_samples - done)
+        z = torch.randn(b, A.shape[1], generator=gen, dtype=torch.float64).to(A.device)
+        loss = (torch.relu(z @ A.T) - torch.relu(z @ B.T)).pow(2).sum(dim=1)
+        total += float(loss.sum().item())
+        total_sq += float(loss.pow(2).sum().item())
+        done += b
+    mean = total / n_samples
+    var = max(total_sq / n_samples - mean * mean, 0.0) * n_samples / (n_samples - 1)
+    return mean / L0, math.sqrt(var / n_samples) / L0
+
+
+# --------------------------------------------------------------------------------------------
+# Sections 3-5: methods
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(W: Any, rank: Any, method: Any) -> torch.Tensor:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if not isinstance(W, torch.Tensor):
+        try:
+            W = torch.as_tensor(W)
+        except Exception as exc:  # e.g. a list of ragged rows
+            raise ValueError(f"W must be a 2-D real matrix: {exc}") from None
+    if W.dim() != 2:
+        raise ValueError(f"W must be a 2-D matrix (m, d), got a tensor of shape {tuple(W.shape)}")
+    if W.is_complex() or not (W.is_floating_point() or W.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
+        raise ValueError(f"W must be a real matrix, got dtype {W.dtype}")
+    if W.numel() == 0:
+        raise ValueError(f"W must be non-empty, got shape {tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        bad = int((~torch.isfinite(W)).sum().item())
+        raise ValueError(f"W contains {bad} NaN/Inf entries; weights must be finite")
+    m, d = W.shape
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise ValueError(f"rank must be an integer in 1..min(m, d) = 1..{min(m, d)}, got {rank!r}")
+    if not 1 <= rank <= min(m, d):
+        raise ValueError(f"rank must be in 1..min(m, d) = 1..{min(m, d)} for W of shape ({m}, {d}), got {rank}")
+    if not W.is_floating_point() or W.dtype in (torch.float16, torch.bfloat16):
+        W = W.to(torch.float32)  # low-precision/integer weights are approximated in float32
+    if not bool((W != 0).any()):
+        raise ValueError("W is all zeros: the normalized error L(W')/L(0) is undefined")
+    return W
+
+
+def _resolve_options(method: str, options: dict[str, Any]) -> tuple[dict[str, Any], torch.device | None]:
+    options = dict(options)
+    device = options.pop("device", None)
+    allowed = _OPTIONS[method]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) for method {method!r}: {', '.join(unknown)}; "
+            f"allowed: {', '.join(sorted(allowed) + ['device']) }"
+        )
+    merged = {**allowed, **options}
+    for key in ("max_iter", "restarts", "history_size"):
+        if key in merged:
+            v = merged[key]
+            low = 0 if key == "restarts" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"option {key} must be an integer >= {low}, got {v!r}")
+    if "tol" in merged:
+        v = merged["tol"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"option tol must be a finite number >= 0, got {v!r}")
+    for key in ("balanced", "accelerate"):
+        if key in merged and not isinstance(merged[key], bool):
+            raise ValueError(f"option {key} must be true or false, got {merged[key]!r}")
+    if merged.get("nkp_options") is not None and not isinstance(merged["nkp_options"], dict):
+        raise ValueError("option nkp_options must be a dict of nkp options")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"option device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("option device='cuda' but CUDA is not available on this machine")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"option device must be 'cpu' or 'cuda', got {device!r}")
+    return merged, device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD in W's dtype (the spectral method's and NKP's common starting point)."""
+    return torch.linalg.svd(W, full_matrices=False)
+
+
+def _balanced_split(M: torch.Tensor, P: torch.Tensor, balanced: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of W' = M P^T (M (m, r), P (d, r) orthonormal): balanced (X S^1/2, S^1/2 Y^T P^T) or (M, P^T)."""
+    if not balanced:
+        return M, P.T.contiguous()
+    X, S, Yh = torch.linalg.svd(M, full_matrices=False)
+    root = S.sqrt()
+    return X * root, (root[:, None] * Yh) @ P.T
+
+
+class _RowModel:
+    """Row norms and unit rows of W (float64), for the subspace objective F(P) of Section 4."""
+
+    def __init__(self, W64: torch.Tensor):
+        self.norms = W64.norm(dim=1)
+        self.nz = self.norms > _SQRT_EPS_GUARD
+        self.units = W64 / torch.where(self.nz, self.norms, 1.0)[:, None]
+        self.n2 = self.norms.pow(2)
+        self.total = float(self.n2.sum().item())
+
+    def evaluate(self, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Z = units @ P (m, r), c_i = ||Z_i|| in [0, 1], and F(P)/||W||_F^2 = sum n_i^2 h(c_i)^2 / sum n_i^2."""
+        Z = self.units @ P
+        c = Z.norm(dim=1).clamp(max=1.0)
+        F = float((self.n2 * relu_kernel_h(c).pow(2)).sum().item()) / self.total
+        return Z, c, F
+
+    def mm_step(self, P: torch.Tensor, Z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One minorize-maximize step: P <- polar(B P), B P = sum_i a_i u_i (u_i^T P), a_i = n_i^2 g'(c_i)/c_i.
+
+        Rows with c_i = 0 (orthogonal to the subspace) contribute only a constant to the minorizer
+        (g' >= 0 and c(P) >= 0 = c_i), so their weight is 0. Cost O(m d r) + a (d, r) thin SVD.
+        """
+        gprime = 2.0 * relu_kernel_h(c) * _h_prime(c)
+        ok = c > 1e-12
+        coef = torch.where(ok, self.n2 * gprime / torch.where(ok, c, 1.0), 0.0)
+        BP = self.units.T @ (coef[:, None] * Z)
+        return _polar(BP, fallback=P)
+
+    def optimal_rows(self, P: torch.Tensor, Z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """M (m, r) with W' = M P^T: row i is t*_i P^T w_i / ||P^T w_i||, t*_i = ||w_i|| h(c_i) (Section 3).
+
+        A nonzero row orthogonal to the subspace (c_i = 0) gets norm ||w_i||/pi along P's first axis;
+        every direction in the subspace is equally good for it (angle pi/2).
+        """
+        t = self.norms * relu_kernel_h(c)
+        ok = c > 1e-300
+        direction = Z / torch.where(ok, c, 1.0)[:, None]
+        first = torch.zeros_like(Z)
+        first[:, 0] = 1.0
+        direction = torch.where(ok[:, None], direction, first)
+        return torch.where(self.nz[:, None], t[:, None] * direction, 0.0)
+
+
+def _polar(A: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Orthonormal factor X Y^T of the thin SVD X S Y^T of A (the Procrustes maximizer of tr(P^T A))."""
+    if not torch.isfinite(A).all() or float(A.abs().max().item()) == 0.0:
+        return fallback
+    X, _, Yh = torch.linalg.svd(A, full_matrices=False)
+    return X @ Yh
+
+
+def _nkp_ascent(rows: _RowModel, P: torch.Tensor, max_iter: int, tol: float, accelerate: bool) -> dict[str, Any]:
+    """Monotone MM ascent of F from orthonormal P (d, r). Returns P, Z, c, history (F per iteration), stats.
+
+    With accelerate=True, after each MM step P1 (from P0) we also try the extrapolated point
+    orth(P1 + beta (P1 - P0)); it is kept only if F is higher than at P1, so F never decreases.
+    """
+    Z, c, F = rows.evaluate(P)
+    history = [F]
+    beta, accepted, it, converged = 1.0, 0, 0, False
+    for it in range(1, max_iter + 1):
+        P1 = rows.mm_step(P, Z, c)
+        Z1, c1, F1 = rows.evaluate(P1)
+        if F1 < F:  # cannot happen in exact arithmetic (MM); guard against round-off
+            F1, P1, Z1, c1 = F, P, Z, c
+        if accelerate:
+            Q = torch.linalg.qr(P1 + beta * (P1 - P)).Q
+            Q = Q @ _polar(Q.T @ P1, fallback=torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device))
+            Ze, ce, Fe = rows.evaluate(Q)
+            if Fe > F1:
+                P1, Z1, c1, F1 = Q, Ze, ce, Fe
+                beta, accepted = min(beta * 2.0, 64.0), accepted + 1
+            else:
+                beta = max(beta / 4.0, 0.25)
+        gain = F1 - F
+        P, Z, c, F = P1, Z1, c1, F1
+        history.append(F)
+        if gain <= tol * abs(F):
+            converged = True
+            break
+    return {"P": P, "Z": Z, "c": c, "F": F, "history": history, "iterations": it,
+            "accepted_extrapolations": accepted, "converged": converged}
+
+
+def _spectral(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    A, S, Vh = _svd(W)
+    root = S[:rank].sqrt()
+    if opts["balanced"]:
+        return A[:, :rank] * root, root[:, None] * Vh[:rank], 0, {}
+    return A[:, :rank] * S[:rank], Vh[:rank].clone(), 0, {}
+
+
+def _spectral_basis(Vh: torch.Tensor, rank: int) -> torch.Tensor:
+    # The SVD's top-r right singular vectors, re-orthonormalized in float64 (same span).
+    return torch.linalg.qr(Vh[:rank].T.to(torch.float64)).Q
+
+
+def _rescale(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    _, _, Vh = _svd(W)
+    P = _spectral_basis(Vh, rank)
+    rows = _RowModel(W.to(torch.float64))
+    Z, c, F = rows.evaluate(P)
+    U, V = _balanced_split(rows.optimal_rows(P, Z, c), P, opts["balanced"])
+    return U, V, 0, {"objective": F}
+
+
+def _nkp(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    m, d = W.shape
+    _, _, Vh = _svd(W)
+    rows = _RowModel(W.to(torch.float64))
+    starts = [("spectral", _spectral_basis(Vh, rank))]
+    if opts["restarts"]:
+        # Random r-dim subspaces of the top-min(2r, d) singular subspace: near the spectral start,
+        # but able to leave its basin (the problem is most non-convex at small r).
+        k = min(2 * rank, d)
+        top = Vh[:k].T.to(torch.float64)
+        gen = torch.Generator().manual_seed(int(seed))
+        for j in range(opts["restarts"]):
+            G = torch.randn(k, rank, generator=gen, dtype=torch.float64).to(W.device)
+            starts.append((f"random{j + 1}", torch.linalg.qr(top @ G).Q))
+    runs = []
+    for name, P0 in starts:
+        run = _nkp_ascent(rows, P0, opts["max_iter"], opts["tol"], opts["accelerate"])
+        run["start"] = name
+        runs.append(run)
+    best = max(runs, key=lambda r_: r_["F"])  # the spectral start comes first, so ties keep it
+    M = rows.optimal_rows(best["P"], best["Z"], best["c"])
+    U, V = _balanced_split(M, best["P"], opts["balanced"])
+    info = {
+        "objective_history": best["history"],  # F(P)/||W||_F^2 per iteration (non-decreasing)
+        "histories": [r_["history"] for r_ in runs],
+        "starts": [r_["start"] for r_ in runs],
+        "best_start": best["start"],
+        "converged": best["converged"],
+        "accepted_extrapolations": best["accepted_extrapolations"],
+        "rescale_objective": runs[0]["history"][0],
+    }
+    return U, V, sum(r_["iterations"] for r_ in runs), info
+
+
+def _random(W: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    m, d = W.shape
+    std = (2.0 / (d * rank)) ** 0.25  # Var((UV)_ij) = r std^4 = 2/d: Kaiming-normal of the full layer
+    gen = torch.Generator().manual_seed(int(seed))  # CPU generator: same factors on every device
+    U = torch.randn(m, rank, generator=gen, dtype=torch.float64) * std
+    V = torch.randn(rank, d, generator=gen, dtype=torch.float64) * std
+    return U.to(W.device), V.to(W.device), 0, {"std_U": std, "std_V": std, "entry_variance": 2.0 / d}
+
+
+def _reference(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    nkp_opts = dict(opts["nkp_options"] or {})
+    starts = {
+        "nkp": approximate(W, rank, "nkp", seed=seed, device=device, **nkp_opts),
+        "spectral": approximate(W, rank, "spectral", seed=seed, device=device),
+    }
+    start_name = min(starts, key=lambda k: starts[k].error)
+    start = starts[start_name]
+    W64 = W.to(torch.float64)
+    U = start.U.detach().to(torch.float64).clone().requires_grad_(True)
+    V = start.V.detach().to(torch.float64).clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [U, V], lr=1.0, max_iter=opts["max_iter"], max_eval=opts["max_iter"] * 2,
+        tolerance_grad=1e-14, tolerance_change=opts["tol"], history_size=opts["history_size"],
+        line_search_fn="strong_wolfe",
+    )
+    best = {"loss": start.error, "U": U.detach().clone(), "V": V.detach().clone()}
+
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            loss, G = function_error_grad(W64, U @ V)
+            U.grad = G @ V.T
+            V.grad = U.T @ G
+            if loss < best["loss"]:
+                best.update(loss=loss, U=U.detach().clone(), V=V.detach().clone())
+        return torch.tensor(loss, dtype=torch.float64)
+
+    opt.step(closure)
+    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    info = {"start": start_name, "start_error": start.error, "start_errors": {k: v.error for k, v in starts.items()}}
+    return best["U"], best["V"], n_iter, info
+
+
+def approximate(W: torch.Tensor, rank: int, method: str = "nkp", *, seed: int = 0, **options: Any) -> Approximation:
+    """Rank-`rank` factors U (m, r), V (r, d) of the (m, d) weight matrix W by `method`.
+
+    method: one of METHODS ("spectral", "rescale", "nkp", "random", "reference").
+    seed: seeds the random parts (random factors, nkp restarts); results are deterministic.
+    options (unknown ones raise ValueError):
+      device: "cpu" | "cuda" | torch.device, default W's device; factors are returned there.
+      spectral, rescale: balanced (bool, default True).
+      nkp: max_iter (200), tol (1e-7, relative increase of F), restarts (0), balanced (True),
+           accelerate (True). info["objective_history"] holds F(P)/||W||_F^2 per iteration.
+      reference: max_iter (500 L-BFGS iterations), tol (1e-12), history_size (20), nkp_options (dict).
+    Returns an Approximation with U, V in W's dtype (float32 for integer/half input) and the
+    normalized closed-form error of U @ V computed in float64.
+    Raises ValueError for an unknown method, a rank outside 1..min(m, d), a non-2-D, empty,
+    all-zero or non-finite W, or a bad option.
+    """
+    W = _check_inputs(W, rank, method)
+    opts, device = _resolve_options(method, options)
+    if device is not None:
+        W = W.to(device)
+    device = W.device
+    _sync(device)
+    t0 = time.perf_counter()
+    if method == "spectral":
+        U, V, iters, info = _spectral(W, rank, opts)
+    elif method == "rescale":
+        U, V, iters, info = _rescale(W, rank, opts)
+    elif method == "nkp":
+        U, V, iters, info = _nkp(W, rank, opts, seed)
+    elif method == "random":
+        U, V, iters, info = _random(W, rank, seed)
+    else:
+        U, V, iters, info = _reference(W, rank, opts, seed, device)
+    U, V = U.to(W.dtype).contiguous(), V.to(W.dtype).contiguous()
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    error = function_error(W, (U, V))
+    return Approximation(U=U, V=V, method=method, rank=rank, error=error, time_s=elapsed, iterations=iters, info=info)
