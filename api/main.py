@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
+from api.middleware import BodySizeLimit
 from api.routes import health, jobs, uploads
 from jobs import migrate
 from jobs.db import dispose_engines
@@ -41,6 +42,7 @@ def create_app() -> FastAPI:
                   description="Low-rank approximation and factored-network training jobs, sweeps and results.")
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, settings=settings)
     for module in (health, jobs, uploads):
         app.include_router(module.router)
     # Optional routers owned by other areas; included when present in this build.

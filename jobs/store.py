@@ -188,7 +188,9 @@ def build_job_row(spec: AnySpec, *, owner: str | None = None, idempotency_key: s
         queue=queue_for(spec), name=spec.name, tags=list(spec.tags), owner=owner,
         idempotency_key=idempotency_key, sweep_id=sweep_id, sweep_point=sweep_point,
         sweep_point_index=sweep_point_index, seed=spec.seed, attempts=0, cancel_requested=False,
-        created_at=_now(), job_tags=[m.JobTag(job_id=job_id, tag=t) for t in dict.fromkeys(spec.tags)],
+        # Optimistic: the caller sends the message right after the commit, and records a failure to
+        # send with mark_not_enqueued (saves a second commit per submission).
+        created_at=_now(), enqueued_at=_now(), job_tags=[m.JobTag(job_id=job_id, tag=t) for t in dict.fromkeys(spec.tags)],
     )
 
 
@@ -233,7 +235,8 @@ def create_job(spec: AnySpec | dict[str, Any], *, idempotency_key: str | None = 
 
     With an idempotency key: the same key with the same spec (and owner) returns the existing job and
     created=False; the same key with a different spec raises Conflict. The caller enqueues the job
-    (jobs.queue.enqueue_job) after this returns, then calls mark_enqueued.
+    (jobs.queue.enqueue_job) after this returns; enqueued_at is already set, so only a failed send
+    needs recording (mark_not_enqueued).
     """
     if isinstance(spec, dict):
         spec = parse_spec(spec)
@@ -271,26 +274,37 @@ def _find_idempotent(key: str, canonical: dict[str, Any], owner: str | None) -> 
 
 
 def mark_enqueued(job_ids: Iterable[str | uuid.UUID]) -> None:
-    """Record that a Celery message was sent for these jobs (find_lost_queued_jobs uses it)."""
+    """Record that a Celery message was sent for these jobs now (find_lost_queued_jobs uses it)."""
+    _set_enqueued_at(job_ids, _now())
+
+
+def mark_not_enqueued(job_ids: Iterable[str | uuid.UUID]) -> None:
+    """Record that sending these jobs' messages failed (broker down): find_lost_queued_jobs returns them
+    at once, so the workers' reaper re-sends them on its next round."""
+    _set_enqueued_at(job_ids, None)
+
+
+def _set_enqueued_at(job_ids: Iterable[str | uuid.UUID], when: dt.datetime | None) -> None:
     ids = [_uuid(j) for j in job_ids]
     if not ids:
         return
     with session_scope() as session:
-        session.execute(update(m.Job).where(m.Job.id.in_(ids)).values(enqueued_at=_now()))
+        for i in range(0, len(ids), 1000):
+            session.execute(update(m.Job).where(m.Job.id.in_(ids[i:i + 1000]), m.Job.status == "queued")
+                            .values(enqueued_at=when).execution_options(synchronize_session=False))
 
 
 def find_lost_queued_jobs(older_than_s: float) -> list[tuple[str, str, str]]:
-    """Queued jobs whose message may be lost: never enqueued (the API failed to send after its commit),
-    or last enqueued more than `older_than_s` ago. Returns (job_id, device, priority); the caller
-    re-sends them and calls mark_enqueued. Duplicate messages are harmless (claim_job is atomic)."""
-    now = _now()
-    cutoff = now - dt.timedelta(seconds=older_than_s)
+    """Queued jobs whose message may be lost: a send that failed (enqueued_at is null, see
+    mark_not_enqueued; returned at once), or a message sent more than `older_than_s` ago (the broker
+    lost it, or the API died between its commit and the send). Returns (job_id, device, priority);
+    the caller re-sends them and calls mark_enqueued. Duplicate messages are harmless (claim_job)."""
+    cutoff = _now() - dt.timedelta(seconds=older_than_s)
     with session_scope() as session:
         rows = session.execute(
-            select(m.Job.id, m.Job.queue, m.Job.priority).where(
-                m.Job.status == "queued",
-                or_(and_(m.Job.enqueued_at.is_(None), m.Job.created_at < cutoff), m.Job.enqueued_at < cutoff),
-            ).order_by(m.Job.created_at)
+            select(m.Job.id, m.Job.queue, m.Job.priority)
+            .where(m.Job.status == "queued", or_(m.Job.enqueued_at.is_(None), m.Job.enqueued_at < cutoff))
+            .order_by(m.Job.created_at)
         ).all()
     return [(str(i), q, p) for i, q, p in rows]
 
@@ -393,7 +407,8 @@ def retry_job(job_id: str | uuid.UUID) -> JobRecord:
         row.result = None
         row.progress = None
         row.worker = None
-        row.started_at = row.heartbeat_at = row.finished_at = row.enqueued_at = None
+        row.started_at = row.heartbeat_at = row.finished_at = None
+        row.enqueued_at = _now()  # the caller sends it next (mark_not_enqueued if that fails)
         session.flush()
         return JobRecord.from_row(row)
 
@@ -726,6 +741,6 @@ __all__ = [
     "ArtifactRecord", "JobPage", "JobRecord", "MetricSeries", "UploadRecord", "add_artifact", "build_job_row",
     "check_references", "claim_job", "create_job", "create_upload", "downsample", "find_lost_queued_jobs",
     "finish_job", "get_artifact", "get_job", "get_metrics", "get_upload", "get_upload_path", "heartbeat",
-    "list_artifacts", "list_jobs", "mark_enqueued", "metric_names", "ping_database", "record_metrics",
+    "list_artifacts", "list_jobs", "mark_enqueued", "mark_not_enqueued", "metric_names", "ping_database", "record_metrics",
     "request_cancel", "requeue_stale_jobs", "retry_job",
 ]

@@ -22,15 +22,14 @@ _ERRORS = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 503: {"mode
 
 
 def send_job(celery: CeleryDep, job: store.JobRecord) -> None:
-    """Enqueue a committed job. A broker failure is logged, not raised: the job is stored and the
-    workers' reaper re-sends queued jobs that were never enqueued (enqueued_at is null)."""
+    """Enqueue a committed job. A broker failure is logged and recorded, not raised: the job is stored
+    (the client gets its id) and the workers' reaper re-sends jobs marked not enqueued."""
     try:
         enqueue_job(celery, job.id, job.queue, job.priority)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001
         log.warning("job %s stored but not enqueued (broker unavailable); the reaper will re-send it",
                     job.id, exc_info=True)
-        return
-    store.mark_enqueued([job.id])
+        store.mark_not_enqueued([job.id])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, responses=_ERRORS,

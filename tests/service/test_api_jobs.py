@@ -347,13 +347,23 @@ def test_upload_round_trip_and_validation(idle_client) -> None:
     assert not list((get_settings().artifacts / "uploads").glob(".incoming-*"))
 
 
-def test_readyz_is_503_when_the_broker_is_down(spawn_api) -> None:
+def test_broker_down_readyz_503_and_jobs_kept_for_resend(spawn_api) -> None:
     server = spawn_api(env={"LOWRANK_BROKER_URL": "redis://127.0.0.1:1/0"}, ready_path="/healthz")
     t0 = time.monotonic()
     r = httpx.get(f"{server.url}/readyz", timeout=30)
     assert r.status_code == 503
     assert r.json()["checks"]["database"] == "ok" and r.json()["checks"]["broker"].startswith("unreachable")
     assert time.monotonic() - t0 < 10
+    # A job submitted while the broker is down is stored (201) and marked for the reaper to re-send.
+    t0 = time.monotonic()
+    r = httpx.post(f"{server.url}/api/v1/jobs", json=approx(), timeout=30)
+    assert r.status_code == 201, r.text
+    assert time.monotonic() - t0 < 10
+    job = store.get_job(r.json()["id"])
+    assert job.status == "queued" and job.enqueued_at is None
+    assert job.id in [j for j, _, _ in store.find_lost_queued_jobs(3600)]
+    store.mark_enqueued([job.id])
+    assert job.id not in [j for j, _, _ in store.find_lost_queued_jobs(3600)]
 
 
 def test_api_refuses_to_start_on_a_database_not_at_head(scratch_database) -> None:
@@ -363,3 +373,28 @@ def test_api_refuses_to_start_on_a_database_not_at_head(scratch_database) -> Non
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "not at head" in proc.stderr and "lowrank db upgrade" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_body_and_upload_limits_are_413_naming_the_setting(spawn_api) -> None:
+    server = spawn_api(env={"LOWRANK_MAX_BODY_BYTES": "2048", "LOWRANK_MAX_UPLOAD_BYTES": "4096"})
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        big = approx(name="x" * 100, tags=[f"t{i}" for i in range(30)]) | {"pad": "y" * 3000}
+        r = c.post("/api/v1/jobs", json=big)
+        assert r.status_code == 413 and "LOWRANK_MAX_BODY_BYTES" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: counted as it streams
+            yield b'{"kind": "approx", "name": "'
+            for _ in range(10):
+                yield b"z" * 500
+            yield b'"}'
+
+        r = c.post("/api/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "LOWRANK_MAX_BODY_BYTES" in r.json()["detail"]
+        assert c.post("/api/v1/jobs", json=approx()).status_code == 201  # under the limit: fine
+
+        w = np.zeros((40, 40), np.float32)  # 6.5 kB as .npy: over the 4 kB upload limit
+        r = c.post("/api/v1/uploads", files={"file": ("w.npy", _npy(w))})
+        assert r.status_code == 413 and "LOWRANK_MAX_UPLOAD_BYTES" in r.json()["detail"]
+        assert not list((get_settings().artifacts / "uploads").glob(".incoming-*"))
+        small = c.post("/api/v1/uploads", files={"file": ("w.npy", _npy(np.zeros((8, 8), np.float32)))})
+        assert small.status_code == 201
