@@ -9,6 +9,7 @@ Pure pydantic, no torch: the API imports this. Every model forbids unknown keys,
 """
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -21,12 +22,13 @@ APPROX_METHODS = ("spectral", "rescale", "nkp", "random", "reference")
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101",
           "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
-TRAIN_INITS = ("spectral", "nkp", "random", "dense")
+TRAIN_INITS = ("spectral", "rescale", "nkp", "random", "dense")
 
 Priority = Literal["high", "normal", "low"]
 Device = Literal["cpu", "gpu"]
 ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101",
                     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"]
+_LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:=+\-/]+$")]
 
 
@@ -150,20 +152,38 @@ class TrainSpec(_Common):
     model: ModelName
     dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
     data_root: str | None = Field(None, max_length=1000, description="imagefolder only: a folder under LOWRANK_DATA_ROOTS")
-    rank: int | None = Field(None, ge=1)
-    rank_ratio: float | None = Field(None, gt=0, le=1, validate_default=True)
-    init: Literal["spectral", "nkp", "random", "dense"] = Field("nkp", validate_default=True)
-    epochs: int = Field(10, ge=1)
+    small_input: bool = Field(False, description="3x3 stride-1 stem without max-pool (32 px images)")
+    image_size: int | None = Field(None, ge=8, le=1024, description="None: the data set's default")
+    rank: int | None = Field(None, ge=1, description="rank of every factored layer")
+    rank_ratio: float | None = Field(None, gt=0, le=1, validate_default=True,
+                                     description="rank as a fraction of min(out, in*kh*kw)")
+    init: Literal["spectral", "rescale", "nkp", "random", "dense"] = Field(
+        "nkp", validate_default=True, description="factor initialization; dense = unfactored baseline")
+    include: list[str] | None = Field(None, max_length=1000, description="dotted layer names to factor")
+    exclude: list[str] | None = Field(None, max_length=1000, description="dotted layer names to keep dense")
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1, le=65536)
     lr: float = Field(0.1, gt=0, le=10)
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, le=1)
     wd_mode: Literal["standard", "frobenius"] = "standard"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    step_size: int = Field(30, ge=1, description="step schedule: epochs between decays")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: decay factor")
+    warmup_epochs: float = Field(0.0, ge=0, le=1000)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
     device: Literal["cpu", "cuda"] = "cpu"
     devices: int = Field(1, ge=1, le=64, description="GPUs for one job (device=cuda)")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    synthetic_train_size: int = Field(1024, ge=1, le=10_000_000)
+    synthetic_val_size: int = Field(256, ge=1, le=10_000_000)
+    max_train_batches: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+    max_val_batches: int | None = Field(None, ge=1)
+    log_every: int = Field(50, ge=1, description="optimizer steps between step-level metrics")
 
     @field_validator("rank")
     @classmethod
@@ -184,11 +204,23 @@ class TrainSpec(_Common):
     @field_validator("init")
     @classmethod
     def _init(cls, init: str, info: ValidationInfo) -> str:
-        if init != "dense" and "rank" in info.data and "rank_ratio" in info.data \
-                and info.data["rank"] is None and info.data["rank_ratio"] is None:
+        if "rank" not in info.data or "rank_ratio" not in info.data:  # their own errors say why
+            return init
+        given = info.data["rank"] is not None or info.data["rank_ratio"] is not None
+        if init == "dense" and given:
+            raise ValueError("init='dense' trains the unfactored model: leave rank and rank_ratio out")
+        if init != "dense" and not given:
             raise ValueError(f"init={init!r} factorizes the model: give exactly one of rank or rank_ratio "
                              "(or init='dense' for an unfactored baseline)")
         return init
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _layer_names(cls, names: list[str] | None) -> list[str] | None:
+        for n in names or []:
+            if not _LAYER_NAME.fullmatch(n):
+                raise ValueError(f"{n!r} is not a dotted layer name (e.g. layer1.0.conv1)")
+        return names
 
     @field_validator("epochs")
     @classmethod

@@ -195,6 +195,8 @@ BAD_SPECS = [
     ("bad model", {**TRAIN, "model": "vgg16"}, ["train", "model"], "resnet18"),
     ("rank and rank_ratio", {**TRAIN, "rank_ratio": 0.5}, ["train", "rank_ratio"], "exactly one of rank or rank_ratio"),
     ("neither rank nor ratio", {k: v for k, v in TRAIN.items() if k != "rank"}, ["train", "init"], "rank_ratio"),
+    ("dense with a rank", {**TRAIN, "init": "dense"}, ["train", "init"], "leave rank and rank_ratio out"),
+    ("bad layer in include", {**TRAIN, "include": ["layer1/conv"]}, ["train", "include"], "dotted layer name"),
     ("too many epochs", {**TRAIN, "epochs": 10**6}, ["train", "epochs"], "LOWRANK_MAX_EPOCHS"),
     ("bad amp", {**TRAIN, "amp": "fp8"}, ["train", "amp"], "'bf16'"),
     ("imagefolder outside roots", {**TRAIN, "dataset": "imagefolder", "data_root": "/etc"}, ["train", "data_root"],
