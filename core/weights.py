@@ -65,7 +65,7 @@ def _choose(names: list[str], key: str | None, path: Path, what: str) -> str:
         if not names:
             raise WeightsError(f"{path}: the {what} holds no arrays")
         raise WeightsError(f"{path}: the {what} holds {len(names)} arrays; name one as {path}:KEY, KEY one of {_listing(names)}")
-    if key not in arrays:
+    if key not in names:
         raise WeightsError(f"{path}: no key {key!r} in the {what}; available: {_listing(names)}")
     return key
 
