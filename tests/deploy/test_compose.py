@@ -136,6 +136,28 @@ def test_urls_carry_the_secrets(compose: dict[str, Any]) -> None:
     assert svc["flower"]["environment"]["CELERY_BROKER_URL"] == "redis://:d4e5f6redis@redis:6379/0"
 
 
+def test_lowrank_settings_are_real_and_valid(compose: dict[str, Any], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every LOWRANK_* variable compose sets names a Settings field (Settings ignores unknown
+    variables, so a typo would pass silently) and the values validate."""
+    from jobs.settings import Settings
+
+    fields = {f"LOWRANK_{name.upper()}" for name in Settings.model_fields}
+    svc = interpolate(compose, SECRET_ENV)["services"]
+    for name in OUR_SERVICES:
+        env = {k: v for k, v in svc[name]["environment"].items() if k.startswith("LOWRANK_")}
+        assert set(env) <= fields, (name, set(env) - fields)
+        for k in [k for k in os.environ if k.startswith("LOWRANK_")]:
+            monkeypatch.delenv(k)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        settings = Settings(home=tmp_path)
+        assert settings.database_url.startswith("postgresql+psycopg://lowrank:"), name
+        assert str(settings.artifact_root) == "/data/artifacts", name
+        assert [str(p) for p in settings.data_roots] == ["/data/datasets"], name
+        assert settings.auth == ("required" if name == "api" else "off"), name
+
+
 # ------------------------------------------------------------------------------------ services
 
 
