@@ -5,10 +5,13 @@ Routes never catch store errors; they propagate here. Validation errors keep Fas
 """
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import pydantic
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError as BrokerOperationalError
@@ -23,6 +26,28 @@ _LOC_ROOTS = ("body", "query", "path", "header", "cookie")
 
 def _loc(loc: tuple[str | int, ...]) -> list[str | int]:
     return list(loc) if loc and loc[0] in _LOC_ROOTS else ["body", *loc]
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        return len(json.dumps(value, allow_nan=False)) <= 1000
+    except (TypeError, ValueError):
+        return False
+
+
+def validation_details(errors: list[dict[str, Any]], prefix_body: bool) -> list[dict[str, Any]]:
+    """FastAPI's 422 detail shape, made JSON-safe: `input` only when small and serializable (a NaN
+    or a megabyte string is not echoed back), `ctx` values as strings."""
+    out = []
+    for e in errors:
+        item: dict[str, Any] = {"loc": _loc(tuple(e["loc"])) if prefix_body else list(e["loc"]),
+                                "msg": e["msg"], "type": e["type"]}
+        if "input" in e and _json_safe(e["input"]):
+            item["input"] = e["input"]
+        if e.get("ctx"):
+            item["ctx"] = {k: v if _json_safe(v) else str(v) for k, v in e["ctx"].items()}
+        out.append(item)
+    return out
 
 
 def domain_error_response(exc: DomainError) -> JSONResponse:
@@ -40,11 +65,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(_: Request, exc: DomainError) -> JSONResponse:
         return domain_error_response(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_details(list(exc.errors()), prefix_body=False)}, status_code=422)
+
     @app.exception_handler(pydantic.ValidationError)
     async def _validation(_: Request, exc: pydantic.ValidationError) -> JSONResponse:
         # A spec validated inside the store (e.g. a dict built from a sweep grid point).
-        detail = [{"loc": _loc(tuple(e["loc"])), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return JSONResponse({"detail": validation_details(exc.errors(), prefix_body=True)}, status_code=422)
 
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)

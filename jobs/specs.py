@@ -24,16 +24,21 @@ MODELS = ("resnet18", "resnet34", "resnet50", "resnet101",
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
 TRAIN_INITS = ("spectral", "rescale", "nkp", "random", "dense")
 
+# Printable text: no control characters (Postgres text cannot hold NUL; logs and tables stay sane).
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+TAG_PATTERN = r"^[A-Za-z0-9_.:=+\-/]+$"
+
 Priority = Literal["high", "normal", "low"]
 Device = Literal["cpu", "gpu"]
 ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101",
                     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"]
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
-Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:=+\-/]+$")]
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/inf are never valid parameters (and JSON cannot store them).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +69,7 @@ class UploadWeights(_Spec):
 
     source: Literal["upload"]
     upload_id: uuid.UUID
-    key: str | None = Field(None, min_length=1, max_length=255)
+    key: str | None = Field(None, min_length=1, max_length=255, pattern=TEXT_PATTERN)
 
     def shape(self) -> tuple[int, int] | None:
         return None  # known only from the stored upload (checked by the store)
@@ -101,7 +106,7 @@ def _check_rank(rank: int, info: ValidationInfo, source_field: str) -> int:
 
 class _Common(_Spec):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds all randomness of the job")
-    name: str | None = Field(None, min_length=1, max_length=200)
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=TEXT_PATTERN)
     tags: list[Tag] = Field(default_factory=list, max_length=32)
     priority: Priority = "normal"
 
@@ -151,7 +156,7 @@ class TrainSpec(_Common):
     kind: Literal["train"] = "train"
     model: ModelName
     dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
-    data_root: str | None = Field(None, max_length=1000, description="imagefolder only: a folder under LOWRANK_DATA_ROOTS")
+    data_root: str | None = Field(None, max_length=1000, pattern=TEXT_PATTERN, description="imagefolder only: a folder under LOWRANK_DATA_ROOTS")
     small_input: bool = Field(False, description="3x3 stride-1 stem without max-pool (32 px images)")
     image_size: int | None = Field(None, ge=8, le=1024, description="None: the data set's default")
     rank: int | None = Field(None, ge=1, description="rank of every factored layer")

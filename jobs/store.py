@@ -673,7 +673,8 @@ def create_upload(filename: str, fileobj: BinaryIO, *, owner: str | None = None)
     .pt is stored as is and validated by the worker (torch.load(weights_only=True)) because the API
     process never imports torch. Raises TooLarge over LOWRANK_MAX_UPLOAD_BYTES, InvalidInput otherwise."""
     settings = get_settings()
-    base = os.path.basename(filename or "").strip() or "upload"
+    # Display name only (the file is stored by id): last path component, printable, bounded.
+    base = "".join(ch for ch in os.path.basename(filename or "") if ch.isprintable()).strip()[:255] or "upload"
     ext = "".join(Path(base).suffixes[-1:]).lower()
     fmt = UPLOAD_FORMATS.get(ext)
     if fmt is None:

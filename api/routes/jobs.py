@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Annotated, Literal
 from urllib.parse import quote
@@ -12,8 +13,9 @@ from fastapi.responses import FileResponse
 from api.deps import CeleryDep, PrincipalDep, SettingsDep
 from api.schemas import ArtifactPublic, ErrorPublic, JobCreate, JobPage, JobPublic, MetricsPublic
 from jobs import store
-from jobs.errors import NotFound
+from jobs.errors import InvalidInput, NotFound
 from jobs.queue import enqueue_job
+from jobs.specs import TAG_PATTERN, TEXT_PATTERN
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 log = logging.getLogger("api.jobs")
@@ -56,8 +58,8 @@ def list_jobs(
                        Query(alias="status")] = None,
     kind: Literal["approx", "learn", "train"] | None = None,
     sweep: uuid.UUID | None = None,
-    tag: Annotated[str | None, Query(max_length=64)] = None,
-    owner: Annotated[str | None, Query(max_length=128)] = None,
+    tag: Annotated[str | None, Query(max_length=64, pattern=TAG_PATTERN)] = None,
+    owner: Annotated[str | None, Query(max_length=128, pattern=TEXT_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> store.JobPage:
@@ -88,10 +90,15 @@ def retry_job(job_id: uuid.UUID, celery: CeleryDep, principal: PrincipalDep) -> 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=_ERRORS)
 def get_metrics(
     job_id: uuid.UUID,
-    name: Annotated[list[str] | None, Query(description="series to return (repeat); default all")] = None,
+    name: Annotated[list[str] | None, Query(description="series to return (repeat); default all",
+                                            max_length=100)] = None,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 1000,
 ) -> MetricsPublic:
     """Each series downsampled on the server to at most `max_points` (first, last, per-bucket min/max)."""
+    for n in name or []:
+        if not 1 <= len(n) <= 128 or not re.fullmatch(TEXT_PATTERN, n):
+            raise InvalidInput(f"name: {n[:40]!r} is not a metric name (1-128 printable characters)",
+                               ("query", "name"))
     series = store.get_metrics(job_id, names=name, max_points=max_points)
     return MetricsPublic.model_validate({"job_id": job_id, "series": series}, from_attributes=True)
 

@@ -400,3 +400,24 @@ def test_body_and_upload_limits_are_413_naming_the_setting(spawn_api) -> None:
         assert not list((get_settings().artifacts / "uploads").glob(".incoming-*"))
         small = c.post("/api/v1/uploads", files={"file": ("w.npy", _npy(np.zeros((8, 8), np.float32)))})
         assert small.status_code == 201
+
+
+def test_unstorable_input_is_422_not_500(idle_client) -> None:
+    """Values Postgres cannot store (NUL bytes, NaN, infinity) are rejected by validation."""
+    for spec, loc in [
+        (approx(name="a\x00b"), ["body", "approx", "name"]),
+        ({"kind": "learn", "teacher": GAUSS, "rank": 2, "noise": float("inf")}, ["body", "learn", "noise"]),
+        ({**TRAIN, "lr": float("nan")}, ["body", "train", "lr"]),
+    ]:
+        r = idle_client.post("/api/v1/jobs", content=json.dumps(spec).encode(),
+                             headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc, r.text
+    assert idle_client.get("/api/v1/jobs", params={"tag": "a\x00"}).status_code == 422
+    assert idle_client.get("/api/v1/jobs", params={"owner": "a\x00"}).status_code == 422
+    job = submit(idle_client, approx()).json()
+    r = idle_client.get(f"/api/v1/jobs/{job['id']}/metrics", params={"name": "x\x00"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "name"]
+    w = np.ones((3, 3), np.float32)
+    r = idle_client.post("/api/v1/uploads", files={"file": ("../../a\x01b.npy", _npy(w))})
+    # Only the last path component is kept, as a display name (httpx percent-encodes the \x01).
+    assert r.status_code == 201 and r.json()["filename"] == "a%01b.npy"
