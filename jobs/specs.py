@@ -104,7 +104,16 @@ def _check_rank(rank: int, info: ValidationInfo, source_field: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # Job kinds.
 
+def _kind_required(schema: dict[str, Any]) -> None:
+    # `kind` has a default (so ApproxSpec(...) needs no kind=) but the union needs it on the wire.
+    required = schema.setdefault("required", [])
+    if "kind" not in required:
+        required.insert(0, "kind")
+
+
 class _Common(_Spec):
+    model_config = ConfigDict(json_schema_extra=_kind_required)
+
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds all randomness of the job")
     name: str | None = Field(None, min_length=1, max_length=200, pattern=TEXT_PATTERN)
     tags: list[Tag] = Field(default_factory=list, max_length=32)

@@ -416,7 +416,7 @@ def test_unstorable_input_is_422_not_500(idle_client) -> None:
     assert idle_client.get("/api/v1/jobs", params={"owner": "a\x00"}).status_code == 422
     job = submit(idle_client, approx()).json()
     r = idle_client.get(f"/api/v1/jobs/{job['id']}/metrics", params={"name": "x\x00"})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "name"]
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "name", 0]
     w = np.ones((3, 3), np.float32)
     r = idle_client.post("/api/v1/uploads", files={"file": ("../../a\x01b.npy", _npy(w))})
     # Only the last path component is kept, as a display name (httpx percent-encodes the \x01).
