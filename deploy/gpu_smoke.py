@@ -132,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
 
             if not smoke.check(bool(wait_until(ready, 120)), "API ready", smoke.tail("api")):
                 return 1
+            # Every worker ready before submitting, so that each GPU gets one of the jobs.
+            n_workers = max(1, len(gpus))
+            workers_up = wait_until(lambda: smoke.tail("worker", 10_000).count(" ready.") >= n_workers, 300)
+            if not smoke.check(bool(workers_up), f"{n_workers} worker(s) ready", smoke.tail("worker")):
+                return 1
             ids = []
             for i in range(n_jobs):
                 spec = {**TINY_TRAIN, "device": args.device, "seed": i, "epochs": args.epochs, "init": args.init,

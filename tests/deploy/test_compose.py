@@ -205,6 +205,7 @@ def test_migrate_runs_once_before_api_and_workers(services: dict[str, Any]) -> N
     mig = services["migrate"]
     assert mig["command"] == ["lowrank", "db", "upgrade"]
     assert mig["restart"] == "no"
+    assert mig["healthcheck"] == {"disable": True}  # the API image's /readyz check is not for a one-shot job
     assert mig["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     for name in ("api", "worker-gpu", "worker-cpu"):
         assert services[name]["depends_on"] == {
