@@ -5,9 +5,10 @@ The launcher process never imports torch and never initializes CUDA: the GPU lis
 its own `celery worker` child with `CUDA_VISIBLE_DEVICES` set to that one device and a distinct
 node name (`worker@<host>-gpu<N>`), so a job sees exactly one GPU as `cuda:0`.
 
-Supervision is deliberately plain: SIGTERM/SIGINT/SIGQUIT received by the launcher are forwarded
-once to every child (children run in their own process group, so a terminal's Ctrl-C reaches
-them only through the launcher: one Ctrl-C = Celery's warm shutdown, a second = cold shutdown).
+Supervision is deliberately plain: the first SIGTERM or SIGINT the launcher receives is forwarded
+to every child as SIGTERM (Celery's warm shutdown: running jobs finish; uvicorn: graceful stop),
+a second one or SIGQUIT as SIGQUIT (Celery's cold shutdown). Children run in their own process
+group, so a terminal's Ctrl-C reaches them only through the launcher, once.
 A child that exits on its own is reported on stderr and NOT restarted; the others keep serving;
 the launcher exits when all children have exited, with the first non-zero exit code (so the
 supervisor above it, compose or Slurm, sees the failure).
@@ -208,12 +209,16 @@ def run_processes(plan: Iterable[PlannedProcess], *, label: str = "lowrank",
 
     def forward(signum, _frame=None):
         nonlocal stopping
+        # Celery: SIGTERM = warm shutdown (running jobs finish, exit 0), SIGQUIT = cold shutdown.
+        # A first SIGINT/SIGTERM becomes SIGTERM (Celery's own SIGINT handler exits 1); a second
+        # request, or SIGQUIT, becomes SIGQUIT: stop now.
+        sig = signal.SIGQUIT if (stopping or signum == signal.SIGQUIT) else signal.SIGTERM
         stopping = True
-        forwarded.append(signum)
+        forwarded.append(sig)
         for p in procs.values():
             if p.poll() is None:
                 try:
-                    os.kill(p.pid, signum)
+                    os.kill(p.pid, sig)
                 except ProcessLookupError:
                     pass
 

@@ -133,31 +133,32 @@ def run_approx(spec: ApproxSpec, ctx: JobContext) -> dict[str, Any]:
 
 
 def run_learn(spec: LearnSpec, ctx: JobContext) -> dict[str, Any]:
-    """Learn a rank-r map from teacher samples (X ~ N(0, I_d), Y = X W^T [+ noise]).
+    """Learn a rank-r layer from teacher samples (x ~ N(0, I_d), y = relu(W x) [+ noise]).
 
-    result = {error (normalized function error of the learned UV vs the teacher W), samples,
-    rule, estimator, time_s, m, d, rank, eps, delta, noise}.
+    result = {error (normalized function error of the learned UV on the teacher's W), nkp_error
+    (NKP's error on W, the promise's yardstick), samples, rule, estimator, time_s, m, d, rank,
+    eps, delta, noise}; the factors are the artifact factors.safetensors.
     """
-    from core.learn import gaussian_teacher, learn_low_rank, learned_error
+    from core.learn import Teacher, learn_low_rank
 
     W = resolve_weights(spec.teacher, spec.seed)
     m, d = W.shape
     if spec.rank > min(m, d):
         raise ValueError(f"rank must be <= min(m, d) = {min(m, d)} for this {m} x {d} teacher, got {spec.rank}")
     ctx.check_cancel()
-    device = compute_device()
-    W = W.to(device)
-    teacher = gaussian_teacher(W, seed=spec.seed)
-    t0 = time.perf_counter()
-    res = learn_low_rank(teacher, d, spec.rank, eps=spec.eps, delta=spec.delta, seed=spec.seed, noise=spec.noise)
-    wall = time.perf_counter() - t0
-    error = learned_error(W, res)
+    ctx.set_progress(0.05)
+    # The teacher's sample stream and NKP are both seeded from the job seed.
+    teacher = Teacher(W, noise=spec.noise or 0.0, seed=spec.seed)
+    res = learn_low_rank(teacher, d, spec.rank, eps=spec.eps, delta=spec.delta, seed=spec.seed,
+                         noise=spec.noise, device=compute_device())
     _save_factors(ctx, res.U, res.V)
     ctx.set_progress(1.0)
     return {
-        "error": _finite(error), "samples": int(res.samples), "rule": res.rule, "estimator": res.estimator,
-        "time_s": float(res.time_s), "wall_time_s": wall, "m": m, "d": d, "rank": spec.rank,
-        "eps": spec.eps, "delta": spec.delta, "noise": spec.noise, "device": str(device),
+        "error": None if res.error is None else _finite(res.error),
+        "nkp_error": None if res.nkp_error is None else _finite(res.nkp_error),
+        "samples": int(res.samples), "rule": res.rule, "estimator": res.estimator, "time_s": float(res.time_s),
+        "m": m, "d": d, "rank": spec.rank, "eps": spec.eps, "delta": spec.delta, "noise": spec.noise,
+        "info": res.info,
     }
 
 
@@ -231,7 +232,7 @@ def run_train(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     report = summary.pop("init_report", None)
     if report is not None:
         path = ctx.artifact_dir / "init_report.json"
-        path.write_text(json.dumps(report, indent=1, default=float))
+        path.write_text(json.dumps({"layers": report, "totals": summary.get("init_totals")}, indent=1, default=float))
         ctx.add_artifact("init_report.json", path)
         summary["init_report_artifact"] = "init_report.json"
     return summary

@@ -1,0 +1,144 @@
+"""Each job kind end to end: HTTP submit -> Postgres -> Redis -> real Celery worker -> core -> result.
+
+Results are checked against core/ run here in the test process on the same inputs (the same
+seeded matrix or the uploaded file), and the factors artifact is downloaded and re-evaluated.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as load_safetensors
+
+from core.approx import approximate, function_error
+from core.weights import gaussian_weights
+
+pytestmark = [pytest.mark.service]
+
+
+@pytest.fixture(autouse=True)
+def _worker(worker_process):  # every test here needs the session's live worker
+    return worker_process
+
+
+def download_factors(client, job_id: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    listing = client.get(f"/api/v1/jobs/{job_id}/artifacts").json()
+    (entry,) = [a for a in listing if a["name"] == "factors.safetensors"]
+    r = client.get(entry["url"])
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).hexdigest() == entry["sha256"] == r.headers["X-Checksum-SHA256"]
+    assert len(r.content) == entry["size"]
+    tensors = load_safetensors(r.content)
+    return tensors["U"], tensors["V"], entry
+
+
+def test_approx_gaussian_job(client, wait_job, unique_tag):
+    spec = {"kind": "approx", "weights": {"source": "gaussian", "m": 96, "d": 48}, "rank": 6, "method": "nkp",
+            "seed": 7, "mc_samples": 4000, "tags": [unique_tag]}
+    t0 = time.monotonic()
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    running = wait_job(client, job_id, statuses=("running", "succeeded", "failed"), timeout=30)
+    submit_to_running = time.monotonic() - t0
+    job = wait_job(client, job_id)
+    assert job["status"] == "succeeded", job["error"]
+    res = job["result"]
+    assert (res["m"], res["d"], res["rank"], res["method"]) == (96, 48, 6, "nkp")
+    # Same seeded matrix, same method, here: the worker's number is the real one.
+    W = gaussian_weights(96, 48, 7)
+    expected = approximate(W, 6, "nkp", seed=7)
+    assert res["error"] == pytest.approx(expected.error, rel=1e-5)
+    assert 0 < res["error"] < 1
+    assert res["iterations"] >= 1 and res["time_s"] > 0
+    # Monte Carlo estimate agrees with the closed form within a few standard errors.
+    assert abs(res["mc_error"] - res["error"]) < 5 * res["mc_stderr"] + 1e-3
+    U, V, _ = download_factors(client, job_id)
+    assert U.shape == (96, 6) and V.shape == (6, 48)
+    assert function_error(W, torch.from_numpy(U) @ torch.from_numpy(V)) == pytest.approx(res["error"], rel=1e-4)
+    assert job["attempts"] == 1 and job["progress"] == 1.0
+    assert job["started_at"] is not None and job["finished_at"] >= job["started_at"]
+    print(f"\nsubmit-to-running (poll 0.2 s, {running['status']} seen): {submit_to_running:.2f} s")
+
+
+def test_approx_from_uploaded_npy(client, wait_job, unique_tag):
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((40, 30)) / np.sqrt(30)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, W)
+    r = client.post("/api/v1/uploads", files={"file": ("layer.npy", buf.getvalue(), "application/octet-stream")})
+    assert r.status_code == 201, r.text
+    upload_id = r.json()["id"]
+    spec = {"kind": "approx", "weights": {"source": "upload", "upload_id": upload_id}, "rank": 5,
+            "method": "spectral", "tags": [unique_tag]}
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    res = job["result"]
+    assert (res["m"], res["d"], res["rank"], res["method"]) == (40, 30, 5, "spectral")
+    expected = approximate(torch.from_numpy(W), 5, "spectral")
+    assert res["error"] == pytest.approx(expected.error, rel=1e-5)
+    U, V, _ = download_factors(client, job["id"])
+    assert U.shape == (40, 5) and V.shape == (5, 30)
+
+
+def test_learn_job(client, wait_job, unique_tag):
+    spec = {"kind": "learn", "teacher": {"source": "gaussian", "m": 32, "d": 16}, "rank": 4, "eps": 0.1,
+            "delta": 0.05, "seed": 1, "tags": [unique_tag]}
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    res = job["result"]
+    assert res["estimator"] == "least_squares" and res["samples"] > 16
+    assert "n =" in res["rule"]
+    # The learner's promise: within eps of NKP on the true W (noiseless: essentially equal).
+    assert res["error"] <= res["nkp_error"] + 0.1
+    assert 0 < res["nkp_error"] < 1
+    U, V, _ = download_factors(client, job["id"])
+    assert U.shape == (32, 4) and V.shape == (4, 16)
+    W = gaussian_weights(32, 16, 1)
+    assert function_error(W.double(), torch.from_numpy(U) @ torch.from_numpy(V)) == pytest.approx(res["error"], rel=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_train_job_streams_metrics_and_resumes_after_stale_heartbeat(client, wait_job, unique_tag, database_url):
+    """A tiny factored training (synthetic data, 1 epoch): metrics, checkpoint, init report, summary.
+    Then its row is made to look like a dead worker's (running, heartbeat an hour old): the reaper
+    re-queues it and the re-run resumes from the checkpoint instead of starting over."""
+    spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 1, "init": "random",
+            "epochs": 1, "batch_size": 256, "lr": 0.05, "tags": [unique_tag]}
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    job = wait_job(client, job_id, timeout=240)
+    assert job["status"] == "succeeded", job["error"]
+    res = job["result"]
+    assert res["epochs"] == 1 and 0 <= res["val_top1"] <= 1 and res["train_loss"] > 0
+    assert res["params_factored"] < res["params_dense"]
+    assert res["resumed_from_epoch"] is None
+    series = {s["name"]: s for s in client.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]}
+    assert {"train_loss", "val_top1", "val_loss", "lr"} <= set(series)
+    assert series["val_top1"]["values"][-1] == pytest.approx(res["val_top1"])
+    names = {a["name"]: a for a in client.get(f"/api/v1/jobs/{job_id}/artifacts").json()}
+    assert {"checkpoints/last.pt", "init_report.json"} <= set(names)
+    report = client.get(names["init_report.json"]["url"]).json()
+    assert len(report["layers"]) >= 19
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status='running', worker='ghost@nowhere:1', result=NULL, "
+                          "finished_at=NULL, heartbeat_at=now() - interval '1 hour' WHERE id=:id"), {"id": job_id})
+    engine.dispose()
+    again = wait_job(client, job_id, statuses=("succeeded", "failed"), timeout=120)
+    assert again["status"] == "succeeded", again["error"]
+    assert again["attempts"] == 2 and again["worker"] != "ghost@nowhere:1"
+    assert again["result"]["resumed_from_epoch"] == 1
+    assert again["result"]["val_top1"] == pytest.approx(res["val_top1"])  # nothing trained twice
