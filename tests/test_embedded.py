@@ -128,3 +128,26 @@ def _head() -> str:
     from jobs.migrate import head_revision
 
     return head_revision()
+
+
+def test_demo_switches_to_sweeps_when_the_server_has_them():
+    from lowrank.cli.service import DEMO_METHODS, DEMO_RANKS, demo_specs, demo_sweep, sweeps_supported
+
+    jobs_only = {"paths": {"/api/v1/jobs": {"post": {}}}}
+    with_sweeps = {"paths": {"/api/v1/sweeps": {"post": {"requestBody": {"content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/SweepCreate"}}}}}}},
+        "components": {"schemas": {"SweepCreate": {"properties": {"base": {}, "grid": {}, "seeds": {}}}}}}
+    other_body = {"paths": {"/api/v1/sweeps": {"post": {"requestBody": {"content": {"application/json": {
+        "schema": {"properties": {"specs": {}}}}}}}}}}
+    assert not sweeps_supported(jobs_only)
+    assert sweeps_supported(with_sweeps)
+    assert not sweeps_supported(other_body)
+    specs = demo_specs("demo-x")
+    assert len(specs) == len(DEMO_RANKS) * len(DEMO_METHODS) == 12
+    assert {(s["rank"], s["method"]) for s in specs} == {(r, m) for r in (1, 4, 16, 64) for m in ("spectral", "rescale", "nkp")}
+    from jobs.specs import parse_spec
+
+    for s in specs:  # every demo job is a valid spec
+        parse_spec(s)
+    sweep = demo_sweep("demo-x")
+    assert sweep["grid"] == {"rank": [1, 4, 16, 64], "method": ["spectral", "rescale", "nkp"]}

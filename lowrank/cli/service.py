@@ -200,42 +200,45 @@ def _check_port_free(host: str, port: int) -> None:
 # --------------------------------------------------------------------------- demo
 
 
-def demo_specs() -> list[dict[str, Any]]:
-    """The demo's jobs: ranks x methods on one gaussian matrix (as individual approx specs)."""
+def demo_specs(tag: str) -> list[dict[str, Any]]:
+    """The demo's jobs: ranks x methods on one gaussian matrix, as individual approx specs."""
     m, d = DEMO_SHAPE
     return [{"kind": "approx", "weights": {"source": "gaussian", "m": m, "d": d}, "rank": r,
-             "method": meth, "seed": 0, "name": f"demo {meth} r={r}", "tags": ["demo"]}
+             "method": meth, "seed": 0, "name": f"demo {meth} r={r}", "tags": ["demo", tag]}
             for meth in DEMO_METHODS for r in DEMO_RANKS]
 
 
-def demo_sweep() -> dict[str, Any]:
-    """The same grid as one POST /api/v1/sweeps body."""
+def demo_sweep(tag: str) -> dict[str, Any]:
+    """The same grid as one POST /api/v1/sweeps body (base spec x grid of dotted paths x seeds)."""
     m, d = DEMO_SHAPE
-    return {"name": "demo rank sweep", "tags": ["demo"],
+    return {"name": "demo rank sweep",
             "base": {"kind": "approx", "weights": {"source": "gaussian", "m": m, "d": d},
-                     "rank": DEMO_RANKS[0], "method": DEMO_METHODS[0], "tags": ["demo"]},
+                     "rank": DEMO_RANKS[0], "method": DEMO_METHODS[0], "tags": ["demo", tag]},
             "grid": {"rank": list(DEMO_RANKS), "method": list(DEMO_METHODS)}, "seeds": [0]}
 
 
-def submit_demo(client, *, use_sweeps: bool) -> tuple[list[str], str | None]:
-    """Submit the demo grid; returns (job ids, sweep id or None)."""
+def sweeps_supported(openapi: dict[str, Any]) -> bool:
+    """True when the server has POST /api/v1/sweeps taking a body with `base` and `grid`."""
+    post = openapi.get("paths", {}).get("/api/v1/sweeps", {}).get("post")
+    if not post:
+        return False
+    schema = post.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    ref = schema.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        schema = openapi.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1], {})
+    return {"base", "grid"} <= set(schema.get("properties", {}))
+
+
+def submit_demo(client, tag: str, *, use_sweeps: bool) -> tuple[dict[str, Any], str | None]:
+    """Submit the demo grid; returns (GET /api/v1/jobs query selecting its jobs, sweep id or None)."""
     if use_sweeps:
-        r = client.post("/api/v1/sweeps", json=demo_sweep())
+        r = client.post("/api/v1/sweeps", json=demo_sweep(tag))
         _raise_for(r, "POST /api/v1/sweeps")
-        body = r.json()
-        sweep_id = str(body["id"])
-        ids = [str(j) for j in body.get("job_ids", [])]
-        if not ids:
-            r = client.get("/api/v1/jobs", params={"sweep": sweep_id, "limit": 1000})
-            _raise_for(r, "GET /api/v1/jobs")
-            ids = [str(j["id"]) for j in r.json()["items"]]
-        return ids, sweep_id
-    ids = []
-    for spec in demo_specs():
-        r = client.post("/api/v1/jobs", json=spec)
-        _raise_for(r, "POST /api/v1/jobs")
-        ids.append(str(r.json()["id"]))
-    return ids, None
+        sweep_id = str(r.json()["id"])
+        return {"sweep": sweep_id}, sweep_id
+    for spec in demo_specs(tag):
+        _raise_for(client.post("/api/v1/jobs", json=spec), "POST /api/v1/jobs")
+    return {"tag": tag}, None
 
 
 def _raise_for(r, what: str) -> None:
@@ -243,26 +246,21 @@ def _raise_for(r, what: str) -> None:
         raise CliError(f"{what} answered {r.status_code}: {r.text[:300]}")
 
 
-def wait_for_jobs(client, ids: list[str], timeout: float, on_update=None) -> list[dict[str, Any]]:
-    """Poll GET /api/v1/jobs/{id} until every job is finished; returns the job bodies in order."""
+def wait_for_jobs(client, query: dict[str, Any], expected: int, timeout: float,
+                  on_update=None) -> list[dict[str, Any]]:
+    """Poll GET /api/v1/jobs?<query> until `expected` jobs exist and all are finished."""
     deadline = time.monotonic() + timeout
-    done: dict[str, dict[str, Any]] = {}
     while True:
-        for jid in ids:
-            if jid in done:
-                continue
-            r = client.get(f"/api/v1/jobs/{jid}")
-            _raise_for(r, f"GET /api/v1/jobs/{jid}")
-            body = r.json()
-            if body["status"] in ("succeeded", "failed", "cancelled"):
-                done[jid] = body
+        r = client.get("/api/v1/jobs", params={**query, "limit": 1000})
+        _raise_for(r, "GET /api/v1/jobs")
+        jobs = r.json()["items"]
+        done = sum(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs)
         if on_update is not None:
-            on_update(len(done), len(ids))
-        if len(done) == len(ids):
-            return [done[j] for j in ids]
+            on_update(done, expected)
+        if len(jobs) >= expected and done == len(jobs):
+            return jobs
         if time.monotonic() > deadline:
-            raise CliError(f"--timeout: {len(ids) - len(done)} of {len(ids)} jobs not finished "
-                           f"after {timeout:.0f} s")
+            raise CliError(f"--timeout: {expected - done} of {expected} jobs not finished after {timeout:.0f} s")
         time.sleep(0.5)
 
 
@@ -271,13 +269,14 @@ def results_table(jobs: list[dict[str, Any]]):
     from rich.table import Table
 
     m, d = DEMO_SHAPE
-    table = Table(title=f"Normalized function error L(UV)/L(0), gaussian {m}x{d}, seed 0")
+    table = Table(title=f"gaussian {m}x{d} weights, seed 0",
+                  caption="normalized function error L(UV)/L(0); lower is better")
     ranks = sorted({j["spec"]["rank"] for j in jobs})
-    methods = list(dict.fromkeys(j["spec"]["method"] for j in jobs))
+    methods = [meth for meth in DEMO_METHODS if any(j["spec"]["method"] == meth for j in jobs)]
     table.add_column("method")
     for r in ranks:
         table.add_column(f"rank {r}", justify="right")
-    table.add_column("time (s)", justify="right")
+    table.add_column("compute (s)", justify="right")
     for meth in methods:
         cells, total = [], 0.0
         for r in ranks:
@@ -292,14 +291,24 @@ def results_table(jobs: list[dict[str, Any]]):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import secrets
+
     import httpx
     from rich.console import Console
+
+    from jobs.settings import get_settings
 
     console = Console()
     base = f"http://{_url_host(args.host)}:{args.port}"
     _check_port_free(args.host, args.port)
-    up = subprocess.Popen([sys.executable, "-m", "lowrank", "up", "--host", args.host, "--port", str(args.port)],
-                          process_group=0)
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "demo.log"
+    with open(log_path, "ab") as log:
+        # The service's own logs go to a file, so the table stays readable.
+        up = subprocess.Popen([sys.executable, "-m", "lowrank", "up", "--host", args.host, "--port", str(args.port)],
+                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
+    console.print(f"starting the service (`lowrank up`; logs in {log_path})")
 
     def stop_up() -> int:
         if up.poll() is None:
@@ -307,25 +316,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
             try:
                 return up.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                up.send_signal(signal.SIGINT)  # second Ctrl-C: cold shutdown
+                up.send_signal(signal.SIGINT)  # a second one: cold shutdown
                 return up.wait()
         return up.returncode
 
     try:
         with httpx.Client(base_url=base, timeout=30.0) as client:
-            _wait_ready(client, up, timeout=120.0)
-            paths = client.get("/openapi.json").json().get("paths", {})
-            use_sweeps = "/api/v1/sweeps" in paths
+            _wait_ready(client, up, timeout=120.0, log_path=log_path)
+            use_sweeps = sweeps_supported(client.get("/openapi.json").json())
+            tag = f"demo-{secrets.token_hex(3)}"
             t0 = time.monotonic()
-            ids, sweep_id = submit_demo(client, use_sweeps=use_sweeps)
-            console.print(f"submitted {len(ids)} approximation jobs "
-                          f"({'sweep ' + sweep_id if sweep_id else 'individual jobs'}); waiting...")
+            query, sweep_id = submit_demo(client, tag, use_sweeps=use_sweeps)
+            n = len(DEMO_RANKS) * len(DEMO_METHODS)
+            console.print(f"submitted {n} approximation jobs: ranks {', '.join(map(str, DEMO_RANKS))} x "
+                          f"{', '.join(DEMO_METHODS)} ({'sweep ' + sweep_id if sweep_id else 'tag ' + tag})")
             with console.status("running") as status:
-                jobs = wait_for_jobs(client, ids, args.timeout,
-                                     on_update=lambda n, t: status.update(f"{n}/{t} jobs finished"))
+                jobs = wait_for_jobs(client, query, n, args.timeout,
+                                     on_update=lambda k, t: status.update(f"{k}/{t} jobs finished"))
             console.print(results_table(jobs))
-            console.print(f"{len(jobs)} jobs in {time.monotonic() - t0:.1f} s")
-            console.print(f"dashboard: {base}/" + (f"  (sweep page: {base}/sweeps/{sweep_id})" if sweep_id else ""))
+            console.print(f"{len(jobs)} jobs finished in {time.monotonic() - t0:.1f} s")
+            console.print(f"dashboard: {base}/" + (f"  (this sweep: {base}/sweeps/{sweep_id})" if sweep_id else ""))
             console.print(f"API docs:  {base}/docs")
         if args.no_serve:
             return stop_up()
@@ -339,18 +349,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise
 
 
-def _wait_ready(client, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_ready(client, proc: subprocess.Popen, timeout: float, log_path) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise CliError(f"`lowrank up` exited with code {proc.returncode} before the API was ready")
+            raise CliError(f"`lowrank up` exited with code {proc.returncode} before the API was ready "
+                           f"(see {log_path})")
         try:
             if client.get("/readyz").status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
-    raise CliError(f"the API was not ready after {timeout:.0f} s")
-
+    raise CliError(f"the API was not ready after {timeout:.0f} s (see {log_path})")
