@@ -49,6 +49,15 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+            # We issue BEGIN ourselves (below); pysqlite's implicit BEGIN would be DEFERRED.
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(conn) -> None:  # noqa: ANN001
+            # Take the write lock up front: a DEFERRED transaction that reads and then writes fails at
+            # once with "database is locked" (no busy wait) when another process wrote meanwhile.
+            # WAL readers are not blocked by it; transactions here are short.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     # Postgres: fail fast when the server is down (the API answers 503 instead of hanging);
