@@ -72,7 +72,14 @@ class MetricsBuffer:
             if not self.rows:
                 self.first_at = time.monotonic()
             self.rows.extend(rows)
-            due = len(self.rows) >= self.max_rows or time.monotonic() - (self.first_at or 0) >= self.max_age_s
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        """Flush when max_rows are buffered or the oldest row is max_age_s old (the heartbeat calls
+        this too, so an epoch's metrics reach the dashboard while the next epoch runs)."""
+        with self._lock:
+            due = bool(self.rows) and (len(self.rows) >= self.max_rows
+                                       or time.monotonic() - (self.first_at or 0) >= self.max_age_s)
         if due:
             self.flush(raise_errors=False)
 
@@ -128,7 +135,8 @@ class RunContext:
 
 
 class Heartbeat(threading.Thread):
-    """Every `interval_s`: store.heartbeat(progress); a True answer sets the job's cancel flag."""
+    """Every `interval_s`: store.heartbeat(progress) (True sets the job's cancel flag), then flush
+    metrics that have waited METRICS_BATCH_SECONDS."""
 
     def __init__(self, ctx: RunContext, interval_s: float) -> None:
         super().__init__(name=f"heartbeat-{ctx.job_id[:8]}", daemon=True)
@@ -143,6 +151,7 @@ class Heartbeat(threading.Thread):
         try:
             if store.heartbeat(self.ctx.job_id, self.ctx.owner, self.ctx.progress):
                 self.ctx.cancel.set()
+            self.ctx.metrics.flush_if_due()
         except Exception:
             # A database blip must not kill the job; a long outage makes the job stale, and the
             # reaper re-queues it (a train job resumes from its checkpoint).
