@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 import migrations
-from jobs.db import make_engine, normalize_url
+from jobs.db import get_engine, normalize_url
 from jobs.settings import get_settings
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
@@ -45,13 +45,9 @@ def head_revision() -> str:
 
 
 def current_revision(url: str | None = None) -> str | None:
-    """The database's revision, or None for a database never migrated."""
-    engine = make_engine(normalize_url(url or get_settings().database_url))
-    try:
-        with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
-    finally:
-        engine.dispose()
+    """The database's revision, or None for a database never migrated (pooled connection: /readyz asks)."""
+    with get_engine(url).connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
 
 
 def is_at_head(url: str | None = None) -> bool:

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from jobs import models as m
 from jobs.db import get_engine, session_scope
-from jobs.errors import Conflict, InvalidInput, InvalidState, NotFound, TooLarge
+from jobs.errors import Conflict, Forbidden, InvalidInput, InvalidState, NotFound, TooLarge
 from jobs.settings import get_settings
 from jobs.specs import AnySpec, UploadWeights, parse_spec, queue_for, spec_to_dict
 
@@ -367,13 +367,20 @@ def list_jobs(*, status: str | None = None, kind: str | None = None, sweep_id: s
 # ---------------------------------------------------------------------------------------------
 # Cancel and retry (user actions).
 
-def request_cancel(job_id: str | uuid.UUID) -> JobRecord:
+def _check_actor(row: m.Job, actor: str | None, admin: bool, action: str) -> None:
+    if not admin and row.owner != actor:
+        raise Forbidden(f"job {row.id} belongs to {row.owner or 'nobody'}; only its owner or an admin may {action} it")
+
+
+def request_cancel(job_id: str | uuid.UUID, *, actor: str | None = None, admin: bool = True) -> JobRecord:
     """Cancel a job: a queued job becomes `cancelled` at once (it will never run); a running job gets
     cancel_requested=True and its worker stops at the next check. Cancelling a cancelled job is a
-    no-op; cancelling a succeeded or failed job raises InvalidState."""
+    no-op; cancelling a succeeded or failed job raises InvalidState. With admin=False only the job's
+    owner (`actor`) may cancel it (Forbidden otherwise)."""
     jid = _uuid(job_id)
     now = _now()
     with session_scope() as session:
+        _check_actor(_get_job_row(session, jid, for_update=True), actor, admin, "cancel")
         done = session.execute(
             update(m.Job).where(m.Job.id == jid, m.Job.status == "queued")
             .values(status="cancelled", cancel_requested=True, finished_at=now)
@@ -390,13 +397,15 @@ def request_cancel(job_id: str | uuid.UUID) -> JobRecord:
         return JobRecord.from_row(row)
 
 
-def retry_job(job_id: str | uuid.UUID) -> JobRecord:
+def retry_job(job_id: str | uuid.UUID, *, actor: str | None = None, admin: bool = True) -> JobRecord:
     """Put a failed or cancelled job back in the queue, on the same row (its id, sweep point and metric
     history stay; a train job resumes from its last checkpoint when one exists). Resets status,
-    attempts, error, result, progress, worker and times. The caller enqueues it after this returns."""
+    attempts, error, result, progress, worker and times. The caller enqueues it after this returns.
+    With admin=False only the job's owner (`actor`) may retry it (Forbidden otherwise)."""
     jid = _uuid(job_id)
     with session_scope() as session:
         row = _get_job_row(session, jid, for_update=True)
+        _check_actor(row, actor, admin, "retry")
         if row.status not in ("failed", "cancelled"):
             raise InvalidState(f"job {jid} is {row.status}; only failed or cancelled jobs can be retried",
                                status=row.status)

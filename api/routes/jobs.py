@@ -21,7 +21,7 @@ router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 log = logging.getLogger("api.jobs")
 
 MetricName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=TEXT_PATTERN)]
-_ERRORS = {404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 503: {"model": ErrorPublic}}
+_ERRORS = {403: {"model": ErrorPublic}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 503: {"model": ErrorPublic}}
 
 
 def send_job(celery: CeleryDep, job: store.JobRecord) -> None:
@@ -78,13 +78,13 @@ def get_job(job_id: uuid.UUID) -> store.JobRecord:
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=_ERRORS)
 def cancel_job(job_id: uuid.UUID, principal: PrincipalDep) -> store.JobRecord:
     """Queued: cancelled at once. Running: cancel_requested, the worker stops at its next check."""
-    return store.request_cancel(job_id)
+    return store.request_cancel(job_id, actor=principal.name, admin=principal.admin)
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic, responses=_ERRORS)
 def retry_job(job_id: uuid.UUID, celery: CeleryDep, principal: PrincipalDep) -> store.JobRecord:
     """A failed or cancelled job goes back to the queue on the same id (attempts reset)."""
-    job = store.retry_job(job_id)
+    job = store.retry_job(job_id, actor=principal.name, admin=principal.admin)
     send_job(celery, job)
     return job
 

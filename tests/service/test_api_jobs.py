@@ -24,6 +24,7 @@ import redis
 from safetensors.numpy import save as st_save
 
 from jobs import store
+from jobs.errors import Forbidden
 from jobs.settings import get_settings
 
 APPROX = {"kind": "approx", "weights": {"source": "gaussian", "m": 64, "d": 32}, "rank": 4, "method": "nkp"}
@@ -421,3 +422,17 @@ def test_unstorable_input_is_422_not_500(idle_client) -> None:
     r = idle_client.post("/api/v1/uploads", files={"file": ("../../a\x01b.npy", _npy(w))})
     # Only the last path component is kept, as a display name (httpx percent-encodes the \x01).
     assert r.status_code == 201 and r.json()["filename"] == "a%01b.npy"
+
+
+def test_only_owner_or_admin_may_cancel_or_retry(idle_client) -> None:
+    """The store's ownership rule (the API passes the caller; with auth off every caller is an admin)."""
+    job, _ = store.create_job(approx(), owner="alice")
+    with pytest.raises(Forbidden, match="belongs to alice"):
+        store.request_cancel(job.id, actor="bob", admin=False)
+    assert store.get_job(job.id).status == "queued"
+    assert store.request_cancel(job.id, actor="alice", admin=False).status == "cancelled"
+    with pytest.raises(Forbidden):
+        store.retry_job(job.id, actor="bob", admin=False)
+    assert store.retry_job(job.id, actor="carol", admin=True).status == "queued"
+    # Auth off: anonymous callers act as admins.
+    assert idle_client.post(f"/api/v1/jobs/{job.id}/cancel").json()["status"] == "cancelled"
