@@ -162,6 +162,30 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
+def with_db_retries(fn, what: str, *, attempts: int = 6, first_delay_s: float = 0.5, max_delay_s: float = 10.0):
+    """fn() with retries on database connection errors (a Postgres restart, a locked SQLite file):
+    about 30 s in all before the error propagates. Domain errors are not retried."""
+    from sqlalchemy.exc import DBAPIError
+
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if attempt == attempts or not (exc.connection_invalidated or _transient(exc)):
+                raise
+            log.warning("%s: database error (attempt %d/%d), retrying in %.1f s: %s", what, attempt, attempts,
+                        delay, str(exc).splitlines()[0])
+            time.sleep(delay)
+            delay = min(max_delay_s, delay * 2)
+
+
+def _transient(exc: Exception) -> bool:
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return isinstance(exc, (OperationalError, InterfaceError))
+
+
 def error_text(exc: BaseException) -> str:
     """`Type: message` and the traceback's tail (the frames nearest the error)."""
     head = f"{type(exc).__name__}: {exc}".strip()
@@ -178,7 +202,8 @@ def run_job(task: Task, job_id: str) -> str:
     settings = get_settings()
     owner = worker_name(task.request.hostname)
     try:
-        job = store.claim_job(job_id, owner, stale_after_s=settings.stale_after_s)
+        job = with_db_retries(lambda: store.claim_job(job_id, owner, stale_after_s=settings.stale_after_s),
+                              f"job {job_id}: claim")
     except NotFound:
         job = None
     if job is None:
@@ -210,7 +235,8 @@ def run_job(task: Task, job_id: str) -> str:
                 status, error = "failed", "could not write the job's metrics: " + error_text(exc)
     finally:
         beat.stop()
-    ok = store.finish_job(str(job.id), owner, status, result=result, error=error)
+    ok = with_db_retries(lambda: store.finish_job(str(job.id), owner, status, result=result, error=error),
+                         f"job {job_id}: record outcome")
     if not ok:
         log.warning("job %s: no longer owned by %s (re-queued after a stale heartbeat?); "
                     "outcome %s not recorded", job_id, owner, status)

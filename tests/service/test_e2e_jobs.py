@@ -108,27 +108,41 @@ def test_learn_job(client, wait_job, unique_tag):
 
 @pytest.mark.timeout(300)
 def test_train_job_streams_metrics_and_resumes_after_stale_heartbeat(client, wait_job, unique_tag, database_url):
-    """A tiny factored training (synthetic data, 1 epoch): metrics, checkpoint, init report, summary.
-    Then its row is made to look like a dead worker's (running, heartbeat an hour old): the reaper
-    re-queues it and the re-run resumes from the checkpoint instead of starting over."""
-    spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 1, "init": "random",
-            "epochs": 1, "batch_size": 256, "lr": 0.05, "tags": [unique_tag]}
+    """A tiny factored training (synthetic data, 2 epochs): epoch 1's metrics are readable while it
+    runs; then the summary, checkpoint and init report. Then its row is made to look like a dead
+    worker's (running, heartbeat an hour old): the reaper re-queues it and the re-run resumes from
+    the checkpoint instead of starting over."""
+    spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 1, "init": "spectral",
+            "epochs": 2, "batch_size": 256, "lr": 0.05, "tags": [unique_tag]}
     r = client.post("/api/v1/jobs", json=spec)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
+
+    def epoch_1() -> dict | None:
+        series = client.get(f"/api/v1/jobs/{job_id}/metrics", params={"name": "val_top1"}).json()["series"]
+        return client.get(f"/api/v1/jobs/{job_id}").json() if series else None
+
+    deadline = time.monotonic() + 240
+    while (mid := epoch_1()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert mid is not None, "no val_top1 metric while the job ran"
+    # Streamed: epoch 1's metrics were stored while the job was still at work on epoch 2.
+    assert mid["status"] == "running" and 0.4 <= mid["progress"] < 1.0, mid
+
     job = wait_job(client, job_id, timeout=240)
     assert job["status"] == "succeeded", job["error"]
     res = job["result"]
-    assert res["epochs"] == 1 and 0 <= res["val_top1"] <= 1 and res["train_loss"] > 0
+    assert res["epochs"] == 2 and 0 <= res["val_top1"] <= 1 and res["train_loss"] > 0
     assert res["params_factored"] < res["params_dense"]
     assert res["resumed_from_epoch"] is None
     series = {s["name"]: s for s in client.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]}
     assert {"train_loss", "val_top1", "val_loss", "lr"} <= set(series)
+    assert len(series["val_top1"]["values"]) == 2
     assert series["val_top1"]["values"][-1] == pytest.approx(res["val_top1"])
     names = {a["name"]: a for a in client.get(f"/api/v1/jobs/{job_id}/artifacts").json()}
     assert {"checkpoints/last.pt", "init_report.json"} <= set(names)
     report = client.get(names["init_report.json"]["url"]).json()
-    assert len(report["layers"]) >= 19
+    assert len(report["layers"]) >= 19 and report["totals"]["layers_factored"] >= 19
 
     from sqlalchemy import create_engine, text
 
@@ -140,5 +154,5 @@ def test_train_job_streams_metrics_and_resumes_after_stale_heartbeat(client, wai
     again = wait_job(client, job_id, statuses=("succeeded", "failed"), timeout=120)
     assert again["status"] == "succeeded", again["error"]
     assert again["attempts"] == 2 and again["worker"] != "ghost@nowhere:1"
-    assert again["result"]["resumed_from_epoch"] == 1
+    assert again["result"]["resumed_from_epoch"] == 2
     assert again["result"]["val_top1"] == pytest.approx(res["val_top1"])  # nothing trained twice

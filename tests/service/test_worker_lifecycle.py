@@ -50,16 +50,8 @@ def wait_store_job(job_id: str, timeout: float = 60.0) -> store.JobRecord:
 @pytest.mark.timeout(240)
 def test_cancel_queued_and_running_jobs(client, wait_job, unique_tag, worker_process):
     train_id = submit(client, LONG_TRAIN, unique_tag)
-
-    def epoch_metrics() -> list:
-        series = client.get(f"/api/v1/jobs/{train_id}/metrics", params={"name": "val_top1"}).json()["series"]
-        return series[0]["values"] if series else []
-
-    # Metrics stream while the job runs: epoch 1's validation accuracy is readable before it ends.
-    wait_for(epoch_metrics, 120, "epoch 1's metrics of the running train job")
-    running = client.get(f"/api/v1/jobs/{train_id}").json()
-    assert running["status"] == "running" and 0 < running["progress"] < 0.1
-    assert running["heartbeat_at"] > running["started_at"]
+    wait_for(lambda: (client.get(f"/api/v1/jobs/{train_id}").json().get("progress") or 0) > 0, 120,
+             "the train job to report progress")
     # The only worker slot is busy: this one waits in Redis.
     queued_id = submit(client, SMALL_APPROX, unique_tag)
     time.sleep(1.0)
@@ -74,8 +66,7 @@ def test_cancel_queued_and_running_jobs(client, wait_job, unique_tag, worker_pro
     cancel_latency = time.monotonic() - t0
     assert job["status"] == "cancelled", job["error"]
     assert job["result"] is None and job["error"] is None
-    assert 0.02 <= job["progress"] < 0.5  # stopped early in epoch 2 or 3 of 50
-    assert len(epoch_metrics()) in (1, 2)
+    assert 0 < job["progress"] < 0.1  # stopped within the first epochs of 50
     # Its message still reaches the worker, which sees a cancelled job and does nothing.
     wait_for(lambda: f"job {queued_id}: not claimable" in worker_process.logs(), 60,
              "the worker to skip the cancelled job's message")
