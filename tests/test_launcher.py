@@ -104,13 +104,25 @@ def test_cli_dry_run_and_errors(tmp_path):
 # ----------------------------------------------------------------------------- real processes
 
 
+REDIS_URL = os.environ.get("LOWRANK_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
 def _redis_up() -> bool:
     import redis
 
     try:
-        return bool(redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=1).ping())
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
     except Exception:
         return False
+
+
+def _clean_redis(prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=f"*{prefix}*", count=1000))
+    if keys:
+        r.delete(*keys)
 
 
 def _children(pid: int) -> list[int]:
@@ -149,15 +161,15 @@ def test_real_workers_per_fake_gpu(tmp_path):
 
     tag = uuid.uuid4().hex[:8]
     env = {**os.environ,
-           "LOWRANK_HOME": str(tmp_path), "LOWRANK_BROKER_URL": "redis://127.0.0.1:6379/0",
+           "LOWRANK_HOME": str(tmp_path), "LOWRANK_BROKER_URL": REDIS_URL,
            "LOWRANK_QUEUE_PREFIX": f"launchtest-{tag}.", "LOWRANK_REAP_INTERVAL_S": "3600",
            "CUDA_VISIBLE_DEVICES": "3,5"}  # fake GPUs: nothing here touches CUDA
     env.pop("OMP_NUM_THREADS", None)
     host = f"lt{tag}"
     names = [f"worker@{host}-gpu3", f"worker@{host}-gpu5"]
+    app = make_celery(Settings(broker_url=REDIS_URL, home=tmp_path))
     launcher = subprocess.Popen([sys.executable, "-m", "lowrank", "worker", "--gpus", "all", "--hostname", host,
                                  "--loglevel", "WARNING"], env=env, stderr=subprocess.PIPE, text=True)
-    app = make_celery(Settings(broker_url="redis://127.0.0.1:6379/0", home=tmp_path))
     try:
         assert _ping(app, names, timeout=90) == set(names)
 
@@ -198,3 +210,5 @@ def test_real_workers_per_fake_gpu(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+        app.close()
+        _clean_redis(f"launchtest-{tag}.")
