@@ -14,10 +14,11 @@ from jobs.settings import Settings
 pytestmark = [pytest.mark.service]
 
 SMALL_APPROX = {"kind": "approx", "weights": {"source": "gaussian", "m": 64, "d": 32}, "rank": 4, "method": "spectral"}
-# Dense ResNet-18 on synthetic images: no factorization phase, so the first steps start at once.
-LONG_TRAIN = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "init": "dense", "epochs": 50,
-              "batch_size": 128, "lr": 0.01}
-
+# Dense ResNet-18 on small synthetic epochs (8 steps of 32 images), a step-level metric every step:
+# no factorization phase, so steps start at once, and it runs far longer than any test waits.
+LONG_TRAIN = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "init": "dense", "epochs": 200,
+              "batch_size": 32, "synthetic_train_size": 256, "synthetic_val_size": 64, "lr": 0.01,
+              "log_every": 1}
 
 def submit(client, spec: dict, tag: str) -> str:
     r = client.post("/api/v1/jobs", json={**spec, "tags": [tag]})
@@ -50,8 +51,16 @@ def wait_store_job(job_id: str, timeout: float = 60.0) -> store.JobRecord:
 @pytest.mark.timeout(240)
 def test_cancel_queued_and_running_jobs(client, wait_job, unique_tag, worker_process):
     train_id = submit(client, LONG_TRAIN, unique_tag)
-    wait_for(lambda: (client.get(f"/api/v1/jobs/{train_id}").json().get("progress") or 0) > 0, 120,
-             "the train job to report progress")
+
+    def train_loss() -> list:
+        series = client.get(f"/api/v1/jobs/{train_id}/metrics", params={"name": "train_loss"}).json()["series"]
+        return series[0]["steps"] if series else []
+
+    # Metrics stream while the job runs (batched: the heartbeat flushes rows older than 2 s).
+    steps = wait_for(lambda: len(train_loss()) >= 3 and train_loss(), 120, "step metrics of the running job")
+    running = client.get(f"/api/v1/jobs/{train_id}").json()
+    assert running["status"] == "running" and 0 < running["progress"] < 0.1
+    assert steps[:3] == [1, 2, 3]
     # The only worker slot is busy: this one waits in Redis.
     queued_id = submit(client, SMALL_APPROX, unique_tag)
     time.sleep(1.0)
@@ -66,7 +75,8 @@ def test_cancel_queued_and_running_jobs(client, wait_job, unique_tag, worker_pro
     cancel_latency = time.monotonic() - t0
     assert job["status"] == "cancelled", job["error"]
     assert job["result"] is None and job["error"] is None
-    assert 0 < job["progress"] < 0.1  # stopped within the first epochs of 50
+    assert 0 < job["progress"] < 0.1  # stopped within the first epochs of 200
+    assert len(train_loss()) < 0.1 * 200 * 8
     # Its message still reaches the worker, which sees a cancelled job and does nothing.
     wait_for(lambda: f"job {queued_id}: not claimable" in worker_process.logs(), 60,
              "the worker to skip the cancelled job's message")
