@@ -1,0 +1,190 @@
+"""Training: config validation, schedule, callbacks, checkpoints, exact resume, and digits accuracy."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from core.train import TrainCallbacks, TrainConfig, TrainingCancelled, lr_factor, train
+
+EPOCH_KEYS = {"train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_time_s", "images_per_s"}
+SUMMARY_KEYS = {"val_top1", "val_top5", "val_loss", "train_loss", "params_dense", "params_factored", "macs_dense",
+                "macs_factored", "epochs", "wall_time_s", "device", "init_report", "resumed_from_epoch"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Recorder(TrainCallbacks):
+    """Keeps every report; asks to stop once `stop_after_epoch` epochs have been reported."""
+
+    def __init__(self, stop_after_epoch: int | None = None) -> None:
+        self.steps: list[tuple[int, int, dict]] = []
+        self.epochs: list[tuple[int, int, dict]] = []
+        self.progress: list[float] = []
+        self.stop_after_epoch = stop_after_epoch
+
+    def on_metrics(self, step, epoch, metrics):
+        (self.epochs if "val_top1" in metrics else self.steps).append((step, epoch, dict(metrics)))
+
+    def on_progress(self, frac):
+        self.progress.append(frac)
+
+    def should_stop(self):
+        return self.stop_after_epoch is not None and len(self.epochs) >= self.stop_after_epoch
+
+
+def tiny_config(**overrides) -> dict:
+    """ResNet-18 at ratio 0.25 on 64 synthetic 32 px images: 4 steps of 16 per epoch."""
+    cfg = dict(model="resnet18", dataset="synthetic", synthetic_train_size=64, synthetic_val_size=32,
+               rank_ratio=0.25, init="spectral", epochs=2, batch_size=16, lr=0.05, nesterov=True,
+               warmup_epochs=0.5, label_smoothing=0.1, wd_mode="frobenius", weight_decay=1e-3,
+               device="cpu", seed=3, log_every=2)
+    cfg.update(overrides)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(ValueError, match=r"unknown train config key\(s\): bogus, lr_max; allowed: model, dataset"):
+        TrainConfig.from_dict({"model": "resnet18", "lr_max": 1.0, "bogus": 2})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"lr": -0.1}, "lr must be a finite number > 0"),
+    ({"lr": "fast"}, "lr must be a finite number, got 'fast'"),
+    ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
+    ({"model": "vgg"}, "model must be one of resnet18"),
+    ({"dataset": "mnist"}, "dataset must be one of imagefolder"),
+    ({"optimizer": "lamb"}, "optimizer must be one of sgd, adamw"),
+    ({"wd_mode": "l1"}, "wd_mode must be one of standard, frobenius"),
+    ({"rank": 4, "rank_ratio": 0.5}, "at most one of rank and rank_ratio"),
+    ({"rank_ratio": 1.5}, r"rank_ratio must be in \(0, 1\]"),
+    ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+    ({"amp": "bf16", "device": "cpu"}, "amp='bf16' needs a CUDA device; on device cpu use amp='none'"),
+    ({"channels_last": True, "device": "cpu"}, "channels_last needs a CUDA device"),
+    ({"device": "tpu"}, "device must be auto, cpu, cuda or cuda:N"),
+    ({"warmup_epochs": 9, "epochs": 3}, "warmup_epochs must be <= epochs"),
+    ({"include": "layer1"}, "include must be a list of non-empty strings"),
+    ({"nesterov": True, "optimizer": "adamw"}, "nesterov needs optimizer 'sgd'"),
+])
+def test_config_ranges_are_checked_with_clear_messages(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict({"model": "resnet18", **overrides})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal of AMP")
+def test_amp_on_a_cpu_only_machine_is_an_error_not_a_fallback():
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device; device resolves to cpu"):
+        train(tiny_config(amp="fp16", device="auto"))
+
+
+def test_schedule_warmup_then_cosine_or_step():
+    kw = dict(steps_per_epoch=10, total_steps=100, warmup_steps=10, step_size=3, step_gamma=0.1)
+    cos = [lr_factor(s, schedule="cosine", **kw) for s in range(100)]
+    assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0)  # linear warm-up
+    assert cos[10] == pytest.approx(1.0) and cos[55] == pytest.approx(0.5)
+    assert cos[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert all(a >= b for a, b in zip(cos[9:], cos[10:]))
+    step = [lr_factor(s, schedule="step", **kw) for s in range(100)]
+    assert step[29] == 1.0 and step[30] == pytest.approx(0.1) and step[60] == pytest.approx(0.01)
+    assert lr_factor(50, schedule="constant", **kw) == 1.0
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def test_interrupt_after_epoch_one_and_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(num_workers=1)  # a worker process: its augmentation RNG must resume too
+    full = Recorder()
+    summary = train(cfg, checkpoint_dir=tmp_path / "full", callbacks=full)
+
+    # callbacks: step-level reports every 2 steps, epoch-level ones with every contract key
+    assert [(s, e) for s, e, _ in full.steps] == [(2, 1), (4, 1), (6, 2), (8, 2)]
+    assert all(set(m) == {"train_loss", "lr"} for _, _, m in full.steps)
+    assert [(s, e) for s, e, _ in full.epochs] == [(4, 1), (8, 2)]
+    assert all(set(m) == EPOCH_KEYS for _, _, m in full.epochs)
+    assert full.progress == sorted(full.progress) and full.progress[-1] == 1.0
+    assert SUMMARY_KEYS <= set(summary) and summary["epochs"] == 2 and summary["resumed_from_epoch"] is None
+    json.dumps(summary)
+
+    cut = Recorder(stop_after_epoch=1)
+    with pytest.raises(TrainingCancelled, match="epoch 2"):
+        train(cfg, checkpoint_dir=tmp_path / "cut", callbacks=cut)
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["config"] == TrainConfig.from_dict(cfg).to_dict()
+    assert {"model", "optimizer", "scheduler", "rng", "loader_generator", "history"} <= set(ckpt)
+    assert {"torch", "cuda", "numpy", "python"} <= set(ckpt["rng"][0])
+    # Frobenius decay: the factors get no optimizer decay, the rest keeps it
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
+    assert len(groups[1]["params"]) == 2 * summary["init_totals"]["layers_factored"]
+
+    resumed = Recorder()
+    summary2 = train(cfg, checkpoint_dir=tmp_path / "cut", resume=True, callbacks=resumed)
+    assert summary2["resumed_from_epoch"] == 1 and summary2["epochs"] == 2
+    assert [(s, e) for s, e, _ in resumed.epochs] == [(8, 2)]
+    want, got = full.epochs[1][2], resumed.epochs[0][2]
+    for key in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr"):
+        assert got[key] == want[key], key
+    assert [m for _, _, m in resumed.steps] == [m for _, _, m in full.steps[2:]]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+    assert untimed(summary2["init_report"]) == untimed(summary["init_report"])  # carried by the checkpoint
+
+    # a resume must not silently continue a different run
+    with pytest.raises(ValueError, match=r"differing field\(s\): lr \(checkpoint 0.05, now 0.1\)"):
+        train({**cfg, "lr": 0.1}, checkpoint_dir=tmp_path / "cut", resume=True)
+
+
+def test_cancel_before_the_first_checkpoint_and_a_dense_run(tmp_path):
+    class StopNow(TrainCallbacks):
+        def should_stop(self):
+            return True
+
+    with pytest.raises(TrainingCancelled, match="epoch 1, step 0"):
+        train(tiny_config(epochs=1), checkpoint_dir=tmp_path, callbacks=StopNow())
+    assert not (tmp_path / "last.pt").exists()
+    # no rank: the dense network, same counts before and after, no init report
+    summary = train(tiny_config(rank_ratio=None, epochs=1, optimizer="adamw", lr=1e-3, nesterov=False,
+                                wd_mode="standard", max_train_batches=2, max_val_batches=1))
+    # ResNet-18 with 10 classes: 11,689,512 (1000 classes) - 990 * (512 + 1)
+    assert summary["params_dense"] == summary["params_factored"] == 11_689_512 - 990 * 513
+    assert summary["macs_dense"] == summary["macs_factored"] and summary["init_report"] is None
+    assert summary["epochs"] == 1 and 0.0 <= summary["val_top1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_resnet18_nkp_ratio_quarter_learns_digits(tmp_path):
+    """ResNet-18 at rank ratio 0.25 with NKP init reaches >= 90% on digits (360 held-out images)."""
+    t0 = time.perf_counter()
+    summary = train(dict(model="resnet18", dataset="digits", rank_ratio=0.25, init="nkp", epochs=3,
+                         batch_size=64, lr=0.02, nesterov=True, warmup_epochs=0.5, weight_decay=5e-4,
+                         device="cpu", seed=0))
+    elapsed = time.perf_counter() - t0
+    assert summary["val_top1"] >= 0.90, summary["history"]
+    assert summary["epochs"] == 3 <= 5
+    assert summary["params_factored"] < 0.3 * summary["params_dense"]
+    assert summary["macs_factored"] < summary["macs_dense"]
+    # NKP's per-layer init error is never above spectral's (MATH.md Sections 3-4)
+    rows = [r for r in summary["init_report"] if r["status"] == "factored"]
+    assert len(rows) == 19
+    assert all(r["error"] <= r["spectral_error"] + 1e-9 for r in rows), rows
+    assert sum(r["error"] for r in rows) < sum(r["spectral_error"] for r in rows)
+    print(f"digits: val_top1 {summary['val_top1']:.4f} in {elapsed:.1f} s "
+          f"(training {summary['wall_time_s']:.1f} s)")
