@@ -12,7 +12,9 @@ Public API
 * :func:`mc_function_error` - a Monte Carlo estimate of the same number, with its standard error.
 * :func:`approximate` - rank-r factors by one of :data:`METHODS`:
 
-  ``spectral``   truncated SVD, balanced factors ``A S^{1/2}``, ``S^{1/2} B^T`` (Khodak et al.).
+  ``spectral``   truncated SVD, balanced factors ``A S^{1/2}``, ``S^{1/2} B^T`` (Khodak et al.). The top-r
+                 right singular subspace comes from a partial eigensolver on the float64 Gram matrix
+                 (``_top_subspace``), shared by spectral, rescale and nkp.
   ``rescale``    spectral subspace, each row the optimally rescaled projection (Section 3).
   ``nkp``        Nonlinear Kernel Projection: minorize-maximize subspace ascent from the spectral
                  subspace (Section 4), then the optimal rows of Section 3.
@@ -213,25 +215,44 @@ def function_error(
     return rows if per_row else float(rows.sum().item())
 
 
-def function_error_grad(W: torch.Tensor, W_approx: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Normalized closed-form error and its gradient with respect to W_approx (both float64).
+class _ClosedFormObjective:
+    """Normalized closed-form error of W' against a fixed W, with its gradient (float64).
 
-    W, W_approx: (m, d). Row gradient (Section 2): d l / d b = b - (|a| sin t b^ + (pi - t) a) / pi,
-    divided by L(0). At a zero row b the subgradient with t = pi/2, b^ = 0 is used (-a/2).
+    Quantities of W (row norms, unit rows, L(0)) are computed once; each call costs a few passes
+    over an (m, d) matrix. Row gradient (Section 2): d l / d b = b - (|a| sin t b^ + (pi - t) a) / pi.
+    At a zero row b the subgradient with t = pi/2, b^ = 0 is used (-a/2).
     """
-    A = W.to(torch.float64)
-    B = W_approx.to(torch.float64)
-    L0 = A.pow(2).sum() / 2.0
-    na, nb = A.norm(dim=1), B.norm(dim=1)
-    both = (na > _SQRT_EPS_GUARD) & (nb > _SQRT_EPS_GUARD)
-    ua = A / torch.where(na > _SQRT_EPS_GUARD, na, 1.0)[:, None]
-    ub = B / torch.where(nb > _SQRT_EPS_GUARD, nb, 1.0)[:, None]
-    t = torch.where(both, 2.0 * torch.atan2((ua - ub).norm(dim=1), (ua + ub).norm(dim=1)), math.pi / 2)
-    diff2 = (A - B).pow(2).sum(dim=1)
-    corr = torch.where(both, na * nb * (torch.sin(t) - t * torch.cos(t)) / math.pi, 0.0)
-    loss = (diff2 / 2.0 - corr).clamp_min(0.0).sum() / L0
-    grad = B - ((na * torch.sin(t))[:, None] * ub + (math.pi - t)[:, None] * A) / math.pi
-    return float(loss.item()), grad / L0
+
+    def __init__(self, W: torch.Tensor):
+        self.A = W.to(torch.float64)
+        self.na = self.A.norm(dim=1)
+        self.a_nz = self.na > _SQRT_EPS_GUARD
+        self.ua = self.A / torch.where(self.a_nz, self.na, 1.0)[:, None]
+        self.L0 = float(self.A.pow(2).sum().item()) / 2.0
+
+    def __call__(self, B: torch.Tensor) -> tuple[float, torch.Tensor]:
+        B = B.to(torch.float64)
+        nb = B.norm(dim=1)
+        b_nz = nb > _SQRT_EPS_GUARD
+        both = self.a_nz & b_nz
+        ub = B / torch.where(b_nz, nb, 1.0)[:, None]
+        dm = (self.ua - ub).norm(dim=1)  # |a^ - b^|; |a^ + b^| = sqrt(4 - dm^2) for unit rows
+        t = torch.where(both, 2.0 * torch.atan2(dm, (4.0 - dm * dm).clamp_min(0.0).sqrt()), math.pi / 2)
+        sin_t = torch.sin(t)
+        diff2 = (self.A - B).pow(2).sum(dim=1)
+        corr = torch.where(both, self.na * nb * (sin_t - t * torch.cos(t)) / math.pi, 0.0)
+        loss = float((diff2 / 2.0 - corr).clamp_min(0.0).sum().item()) / self.L0
+        grad = B - ((self.na * sin_t)[:, None] * ub + (math.pi - t)[:, None] * self.A) / math.pi
+        return loss, grad / self.L0
+
+
+def function_error_grad(W: torch.Tensor, W_approx: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Normalized closed-form error of W_approx (m, d) against W (m, d) and its gradient (m, d), float64.
+
+    Row gradient (Section 2): d l / d b = b - (|a| sin t b^ + (pi - t) a) / pi, divided by L(0).
+    At a zero row b the subgradient with t = pi/2, b^ = 0 is used (-a/2).
+    """
+    return _ClosedFormObjective(W)(W_approx)
 
 
 def mc_function_error(
@@ -289,6 +310,7 @@ def _check_inputs(W: Any, rank: Any, method: Any) -> torch.Tensor:
             W = torch.as_tensor(W)
         except Exception as exc:  # e.g. a list of ragged rows
             raise ValueError(f"W must be a 2-D real matrix: {exc}") from None
+    W = W.detach()  # e.g. an nn.Parameter: no autograd graph through the SVD
     if W.dim() != 2:
         raise ValueError(f"W must be a 2-D matrix (m, d), got a tensor of shape {tuple(W.shape)}")
     if W.is_complex() or not (W.is_floating_point() or W.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
@@ -353,9 +375,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD in W's dtype (the spectral method's and NKP's common starting point)."""
-    return torch.linalg.svd(W, full_matrices=False)
+def _top_subspace(W: torch.Tensor, k: int) -> torch.Tensor:
+    """Orthonormal basis P (d, k), float64, of the top-k right singular subspace of W (m, d).
+
+    Computed from the float64 Gram matrix of the smaller side: W^T W (d <= m) or W W^T (m < d, then
+    P = orth(W^T Q)). On the CPU only the k wanted eigenvectors are computed (LAPACK syevr via
+    scipy), several times cheaper than a full SVD; on CUDA a full torch.linalg.eigh. spectral, rescale
+    and nkp all use this one basis, so rescale <= spectral and nkp <= rescale hold exactly
+    (up to float64 round-off) and the spectral factors are W P P^T, the truncated SVD.
+    """
+    m, d = W.shape
+    W64 = W.to(torch.float64)
+    small = min(m, d)
+    G = W64.T @ W64 if d <= m else W64 @ W64.T
+    if G.device.type == "cpu":
+        import scipy.linalg
+
+        _, vecs = scipy.linalg.eigh(G.numpy(), subset_by_index=[small - k, small - 1], driver="evr",
+                                    overwrite_a=True, check_finite=False)
+        Q = torch.from_numpy(vecs).flip(1)
+    else:
+        Q = torch.linalg.eigh(G).eigenvectors[:, -k:].flip(1)
+    if d <= m:
+        return torch.linalg.qr(Q.contiguous()).Q  # already orthonormal; QR cleans up round-off
+    return torch.linalg.qr(W64.T @ Q).Q  # columns sigma_i v_i: orthonormalize
 
 
 def _balanced_split(M: torch.Tensor, P: torch.Tensor, balanced: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,9 +455,17 @@ class _RowModel:
 
 
 def _polar(A: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Orthonormal factor X Y^T of the thin SVD X S Y^T of A (the Procrustes maximizer of tr(P^T A))."""
+    """Orthonormal factor X Y^T of the thin SVD X S Y^T of A (d, r): the Procrustes maximizer of tr(P^T A).
+
+    Computed as A (A^T A)^{-1/2} from an (r, r) eigh plus one Newton-Schulz step (which squares
+    the orthonormality error), far cheaper than an SVD of A; an SVD when A is ill-conditioned.
+    """
     if not torch.isfinite(A).all() or float(A.abs().max().item()) == 0.0:
         return fallback
+    lam, vecs = torch.linalg.eigh(A.T @ A)
+    if float(lam[0].item()) > 1e-10 * float(lam[-1].item()):
+        Q = A @ ((vecs * lam.rsqrt()) @ vecs.T)
+        return Q @ (1.5 * torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device) - 0.5 * (Q.T @ Q))
     X, _, Yh = torch.linalg.svd(A, full_matrices=False)
     return X @ Yh
 
@@ -423,7 +474,7 @@ def _nkp_ascent(rows: _RowModel, P: torch.Tensor, max_iter: int, tol: float, acc
     """Monotone MM ascent of F from orthonormal P (d, r). Returns P, Z, c, history (F per iteration), stats.
 
     With accelerate=True, after each MM step P1 (from P0) we also try the extrapolated point
-    orth(P1 + beta (P1 - P0)); it is kept only if F is higher than at P1, so F never decreases.
+    polar(P1 + beta (P1 - P0)); it is kept only if F is higher than at P1, so F never decreases.
     """
     Z, c, F = rows.evaluate(P)
     history = [F]
@@ -434,8 +485,7 @@ def _nkp_ascent(rows: _RowModel, P: torch.Tensor, max_iter: int, tol: float, acc
         if F1 < F:  # cannot happen in exact arithmetic (MM); guard against round-off
             F1, P1, Z1, c1 = F, P, Z, c
         if accelerate:
-            Q = torch.linalg.qr(P1 + beta * (P1 - P)).Q
-            Q = Q @ _polar(Q.T @ P1, fallback=torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device))
+            Q = _polar(P1 + beta * (P1 - P), fallback=P1)  # nearest orthonormal basis, aligned with P1
             Ze, ce, Fe = rows.evaluate(Q)
             if Fe > F1:
                 P1, Z1, c1, F1 = Q, Ze, ce, Fe
@@ -453,21 +503,13 @@ def _nkp_ascent(rows: _RowModel, P: torch.Tensor, max_iter: int, tol: float, acc
 
 
 def _spectral(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
-    A, S, Vh = _svd(W)
-    root = S[:rank].sqrt()
-    if opts["balanced"]:
-        return A[:, :rank] * root, root[:, None] * Vh[:rank], 0, {}
-    return A[:, :rank] * S[:rank], Vh[:rank].clone(), 0, {}
-
-
-def _spectral_basis(Vh: torch.Tensor, rank: int) -> torch.Tensor:
-    # The SVD's top-r right singular vectors, re-orthonormalized in float64 (same span).
-    return torch.linalg.qr(Vh[:rank].T.to(torch.float64)).Q
+    P = _top_subspace(W, rank)
+    U, V = _balanced_split(W.to(torch.float64) @ P, P, opts["balanced"])  # W' = (W P) P^T
+    return U, V, 0, {}
 
 
 def _rescale(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
-    _, _, Vh = _svd(W)
-    P = _spectral_basis(Vh, rank)
+    P = _top_subspace(W, rank)
     rows = _RowModel(W.to(torch.float64))
     Z, c, F = rows.evaluate(P)
     U, V = _balanced_split(rows.optimal_rows(P, Z, c), P, opts["balanced"])
@@ -476,14 +518,13 @@ def _rescale(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Te
 
 def _nkp(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
     m, d = W.shape
-    _, _, Vh = _svd(W)
     rows = _RowModel(W.to(torch.float64))
-    starts = [("spectral", _spectral_basis(Vh, rank))]
+    starts = [("spectral", _top_subspace(W, rank))]  # exactly rescale's subspace, so nkp <= rescale
     if opts["restarts"]:
-        # Random r-dim subspaces of the top-min(2r, d) singular subspace: near the spectral start,
+        k = min(2 * rank, m, d)
+        top = _top_subspace(W, k)
+        # Random r-dim subspaces of the top-min(2r, m, d) singular subspace: near the spectral start,
         # but able to leave its basin (the problem is most non-convex at small r).
-        k = min(2 * rank, d)
-        top = Vh[:k].T.to(torch.float64)
         gen = torch.Generator().manual_seed(int(seed))
         for j in range(opts["restarts"]):
             G = torch.randn(k, rank, generator=gen, dtype=torch.float64).to(W.device)
@@ -525,7 +566,7 @@ def _reference(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int, devi
     }
     start_name = min(starts, key=lambda k: starts[k].error)
     start = starts[start_name]
-    W64 = W.to(torch.float64)
+    objective = _ClosedFormObjective(W)
     U = start.U.detach().to(torch.float64).clone().requires_grad_(True)
     V = start.V.detach().to(torch.float64).clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -537,7 +578,7 @@ def _reference(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int, devi
 
     def closure() -> torch.Tensor:
         with torch.no_grad():
-            loss, G = function_error_grad(W64, U @ V)
+            loss, G = objective(U @ V)
             U.grad = G @ V.T
             V.grad = U.T @ G
             if loss < best["loss"]:
@@ -567,6 +608,8 @@ def approximate(W: torch.Tensor, rank: int, method: str = "nkp", *, seed: int = 
     all-zero or non-finite W, or a bad option.
     """
     W = _check_inputs(W, rank, method)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     opts, device = _resolve_options(method, options)
     if device is not None:
         W = W.to(device)

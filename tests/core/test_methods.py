@@ -260,3 +260,11 @@ def test_cuda_matches_cpu(method):
         gpu = approximate(W, r, method, seed=3, device="cuda")
         assert gpu.U.device.type == "cuda"
         assert gpu.error == pytest.approx(cpu.error, abs=1e-6), (method, r)
+
+
+def test_parameter_input_and_seed_type():
+    layer = torch.nn.Linear(8, 12)
+    a = approximate(layer.weight, 3, "nkp")  # an nn.Parameter: no autograd graph, plain factors
+    assert not a.U.requires_grad and a.U.shape == (12, 3)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        approximate(layer.weight, 3, "random", seed="1")
