@@ -169,6 +169,8 @@ class TrainConfig:
             at_least(name, 0)
         if self.rank is not None and self.rank_ratio is not None:
             raise ValueError("give at most one of rank and rank_ratio (both are set)")
+        if not self.factored and (self.include or self.exclude):
+            raise ValueError("include/exclude choose layers to factor: give rank or rank_ratio too")
         if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
             raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

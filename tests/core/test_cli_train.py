@@ -77,7 +77,8 @@ def test_factorize_bad_input_exits_2_with_one_line(capsys, argv, message):
 def test_train_json_then_resume_mismatch(capsys, tmp_path):
     ckpt = str(tmp_path / "ck")
     rc, out, err = run_cli(capsys, "train", *TINY, "--rank-ratio", "0.25", "--init", "spectral", "--epochs", "1",
-                           "--lr", "0.05", "--seed", "2", "--checkpoint-dir", ckpt, "--json")
+                           "--include", "layer1,layer2", "--lr", "0.05", "--seed", "2", "--checkpoint-dir", ckpt,
+                           "--json")
     assert rc == 0, err
     summary = json.loads(out)
     assert {"val_top1", "params_dense", "params_factored", "epochs"} <= set(summary)
@@ -86,7 +87,8 @@ def test_train_json_then_resume_mismatch(capsys, tmp_path):
     assert (tmp_path / "ck" / "last.pt").exists()
     # resuming with another lr is refused, on one line naming the field
     rc, out, err = run_cli(capsys, "train", *TINY, "--rank-ratio", "0.25", "--init", "spectral", "--epochs", "1",
-                           "--lr", "0.1", "--seed", "2", "--checkpoint-dir", ckpt, "--resume")
+                           "--include", "layer1,layer2", "--lr", "0.1", "--seed", "2", "--checkpoint-dir", ckpt,
+                           "--resume")
     assert rc == 2 and err.count("\n") == 1 and "differing field(s): lr" in err, err
 
 

@@ -117,9 +117,10 @@ def test_full_rank_factorization_reproduces_resnet18_outputs():
     torch.manual_seed(0)
     dense = build_model("resnet18").eval()
     factored = copy.deepcopy(dense)
+    # stages 1-3 (layer4's 512 x 4608 SVDs cost seconds and test nothing new here)
     report = factorize_model(factored, rank=10**6, method="spectral", weights="current",
-                             always_factor=True, compare_spectral=False)
-    assert report.totals["layers_factored"] == 19  # all 3x3/1x1 convs but the stem; fc is the classifier
+                             always_factor=True, compare_spectral=False, exclude=["layer4"])
+    assert report.totals["layers_factored"] == 14  # 3x3 and 1x1 convs of stages 1-3
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(factored(x), dense(x), atol=1e-5, rtol=1e-5)

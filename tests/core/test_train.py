@@ -43,9 +43,9 @@ class Recorder(TrainCallbacks):
 
 
 def tiny_config(**overrides) -> dict:
-    """ResNet-18 at ratio 0.25 on 64 synthetic 32 px images: 4 steps of 16 per epoch."""
+    """ResNet-18, stages 1-2 at ratio 0.25, on 64 synthetic 32 px images: 4 steps of 16 per epoch."""
     cfg = dict(model="resnet18", dataset="synthetic", synthetic_train_size=64, synthetic_val_size=32,
-               rank_ratio=0.25, init="spectral", epochs=2, batch_size=16, lr=0.05, nesterov=True,
+               rank_ratio=0.25, init="spectral", include=["layer1", "layer2"], epochs=2, batch_size=16, lr=0.05, nesterov=True,
                warmup_epochs=0.5, label_smoothing=0.1, wd_mode="frobenius", weight_decay=1e-3,
                device="cpu", seed=3, log_every=2)
     cfg.update(overrides)
@@ -78,6 +78,7 @@ def test_unknown_config_keys_are_named():
     ({"warmup_epochs": 9, "epochs": 3}, "warmup_epochs must be <= epochs"),
     ({"include": "layer1"}, "include must be a list of non-empty strings"),
     ({"nesterov": True, "optimizer": "adamw"}, "nesterov needs optimizer 'sgd'"),
+    ({"include": ["layer1"]}, "include/exclude choose layers to factor: give rank or rank_ratio too"),
 ])
 def test_config_ranges_are_checked_with_clear_messages(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -161,7 +162,7 @@ def test_cancel_before_the_first_checkpoint_and_a_dense_run(tmp_path):
         train(tiny_config(epochs=1), checkpoint_dir=tmp_path, callbacks=StopNow())
     assert not (tmp_path / "last.pt").exists()
     # no rank: the dense network, same counts before and after, no init report
-    summary = train(tiny_config(rank_ratio=None, epochs=1, optimizer="adamw", lr=1e-3, nesterov=False,
+    summary = train(tiny_config(rank_ratio=None, include=None, epochs=1, optimizer="adamw", lr=1e-3, nesterov=False,
                                 wd_mode="standard", max_train_batches=2, max_val_batches=1))
     # ResNet-18 with 10 classes: 11,689,512 (1000 classes) - 990 * (512 + 1)
     assert summary["params_dense"] == summary["params_factored"] == 11_689_512 - 990 * 513
