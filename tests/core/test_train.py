@@ -189,3 +189,24 @@ def test_resnet18_nkp_ratio_quarter_learns_digits(tmp_path):
     assert sum(r["error"] for r in rows) < sum(r["spectral_error"] for r in rows)
     print(f"digits: val_top1 {summary['val_top1']:.4f} in {elapsed:.1f} s "
           f"(training {summary['wall_time_s']:.1f} s)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_channels_last_training(tmp_path, amp):
+    summary = train(tiny_config(device="cuda", amp=amp, channels_last=True, epochs=2),
+                    checkpoint_dir=tmp_path)
+    assert summary["device"].startswith("cuda")
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in summary["history"])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")  # fp16 needs loss scaling, bf16 does not
+    # resume on the GPU continues from the checkpoint
+    resumed = train(tiny_config(device="cuda", amp=amp, channels_last=True, epochs=2),
+                    checkpoint_dir=tmp_path, resume=True)
+    assert resumed["resumed_from_epoch"] == 2 and resumed["val_top1"] == summary["val_top1"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_ddp_two_gpus_nccl():
+    summary = train(tiny_config(device="cuda", amp="bf16", devices=2, epochs=1))
+    assert summary["world_size"] == 2 and summary["ranks_in_sync"]

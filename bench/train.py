@@ -1,0 +1,339 @@
+"""Factored networks (issue 3): factorize time, CPU training throughput, digits accuracy per init, BN caveat.
+
+Writes docs/results/train.md and train_digits.png.
+
+1. Whole-network factorize time: ResNet-50 and EfficientNet-B0, NKP versus spectral at rank
+   ratios 0.1 / 0.25 / 0.5 (quick: 0.25), interleaved in one run; mean per-layer error of each.
+2. Training throughput on CPU (images/s of forward + backward + SGD step on a fixed batch),
+   dense versus factored at ratios 0.1 / 0.25 / 0.5, with the MAC and parameter ratios beside it.
+3. Digits (scikit-learn, 1437 train / 360 val, 32 px): ResNet-18 at ratio 0.25 trained with
+   the test's recipe from random / spectral / rescale / nkp inits over 3 seeds; validation
+   accuracy after each epoch, mean and standard deviation (quick: 1 seed, 2 epochs, no rescale).
+4. The BatchNorm caveat (MATH.md Section 7): per-layer function error of each init on the
+   layer's real input activations (digits images through the dense network at init), without
+   and with the per-channel batch standardization that the following BatchNorm applies; how much
+   of NKP's gain over spectral survives it.
+
+CPU benchmarks run with one intra-op thread (stated in the table): on this shared two-core
+machine two OpenMP threads per process oversubscribe the cores and make timings 3-10x noisier.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.common import RESULTS, environment_header, write_result
+from core.factorize import candidate_layers, factorize_model, fresh_init_layer
+from core.models import build_model, count_macs, count_params
+from core.surgery import get_module
+from core.train import train
+
+DIGITS_RECIPE = dict(model="resnet18", dataset="digits", rank_ratio=0.25, batch_size=64, lr=0.02, nesterov=True,
+                     warmup_epochs=0.5, weight_decay=5e-4, device="cpu")
+FULL = {"fact_ratios": [0.1, 0.25, 0.5], "fact_models": ["resnet50", "efficientnet_b0"],
+        "tp_models": [("resnet18", 32, 64), ("resnet50", 64, 32), ("efficientnet_b0", 64, 32)],
+        "tp_steps": 6, "digits_inits": ["random", "spectral", "rescale", "nkp"], "digits_seeds": [0, 1, 2],
+        "digits_epochs": 3, "bn_images": 256, "bn_ratios": [0.1, 0.25]}
+QUICK = {"fact_ratios": [0.25], "fact_models": ["resnet50", "efficientnet_b0"],
+         "tp_models": [("resnet18", 32, 64)], "tp_steps": 3, "digits_inits": ["random", "spectral", "nkp"],
+         "digits_seeds": [0], "digits_epochs": 2, "bn_images": 128, "bn_ratios": [0.25]}
+
+
+def _mean_std(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+# ----------------------------------------------------------------------------- 1. factorize time
+
+def factorize_times(cfg: dict[str, Any]) -> tuple[str, list[str]]:
+    lines = ["| model | ratio | layers factored | spectral time (s) | NKP time (s) | NKP / spectral time | "
+             "spectral mean error | NKP mean error |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in cfg["fact_models"]:
+        for ratio in cfg["fact_ratios"]:
+            res = {}
+            for method in ("spectral", "nkp"):
+                torch.manual_seed(0)
+                model = build_model(name, num_classes=1000)
+                t0 = time.perf_counter()
+                rep = factorize_model(model, rank_ratio=ratio, method=method, compare_spectral=False)
+                res[method] = (time.perf_counter() - t0, rep.totals)
+            (ts, s), (tn, n) = res["spectral"], res["nkp"]
+            lines.append(f"| {name} | {ratio} | {s['layers_factored']} | {ts:.2f} | {tn:.2f} | {tn / ts:.2f} | "
+                         f"{s['mean_error']:.4f} | {n['mean_error']:.4f} |")
+            notes.append(f"{name} r={ratio}: NKP/spectral time {tn / ts:.2f}, error {n['mean_error'] / s['mean_error']:.3f}")
+    return "\n".join(lines), notes
+
+
+# ----------------------------------------------------------------------------- 2. throughput
+
+def _images_per_s(model: nn.Module, size: int, batch: int, steps: int) -> float:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()  # warm-up (allocations, oneDNN kernel choice)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def throughput(cfg: dict[str, Any]) -> tuple[str, list[str]]:
+    lines = ["| model | input | batch | variant | params | MACs / image | images/s | speed-up vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, size, batch in cfg["tp_models"]:
+        variants = [("dense", None)] + [(f"factored {r}", r) for r in (0.1, 0.25, 0.5)]
+        dense_ips = None
+        for label, ratio in variants:
+            torch.manual_seed(0)
+            model = build_model(name, num_classes=10)
+            if ratio is not None:
+                factorize_model(model, rank_ratio=ratio, method="random", compare_spectral=False)
+            macs, params = count_macs(model, (3, size, size)), count_params(model)
+            ips = _images_per_s(model, size, batch, cfg["tp_steps"])
+            dense_ips = dense_ips or ips
+            lines.append(f"| {name} | {size} px | {batch} | {label} | {params / 1e6:.2f} M | {macs / 1e6:.0f} M | "
+                         f"{ips:.0f} | {ips / dense_ips:.2f}x |")
+            if ratio is not None:
+                notes.append(f"{name} {label}: {ips / dense_ips:.2f}x dense images/s")
+    return "\n".join(lines), notes
+
+
+# ----------------------------------------------------------------------------- 3. digits accuracy
+
+def digits(cfg: dict[str, Any]) -> tuple[str, dict[str, list[list[float]]], list[str]]:
+    curves: dict[str, list[list[float]]] = {}
+    times: dict[str, list[float]] = {}
+    errors: dict[str, list[float]] = {}
+    for init in cfg["digits_inits"]:
+        for seed in cfg["digits_seeds"]:
+            t0 = time.perf_counter()
+            s = train(dict(DIGITS_RECIPE, init=init, epochs=cfg["digits_epochs"], seed=seed))
+            times.setdefault(init, []).append(time.perf_counter() - t0)
+            curves.setdefault(init, []).append([h["val_top1"] for h in s["history"]])
+            errors.setdefault(init, []).append(s["init_totals"]["mean_error"])
+    epochs = cfg["digits_epochs"]
+    head = "| init | mean per-layer init error | " + " | ".join(f"val top-1 after epoch {e + 1}" for e in range(epochs))
+    lines = [head + " | run time (s) |", "|---" * (epochs + 3) + "|"]
+    notes = []
+    for init, runs in curves.items():
+        cols = [_mean_std([r[e] for r in runs]) for e in range(epochs)]
+        lines.append(f"| {init} | {statistics.mean(errors[init]):.4f} | " + " | ".join(cols)
+                     + f" | {statistics.mean(times[init]):.1f} |")
+        notes.append(f"digits {init}: final val top-1 {_mean_std([r[-1] for r in runs])}")
+    return "\n".join(lines), curves, notes
+
+
+def plot_digits(curves: dict[str, list[list[float]]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for init, runs in curves.items():
+        t = torch.tensor(runs)
+        mean, std = t.mean(0), (t.std(0) if len(runs) > 1 else torch.zeros(t.shape[1]))
+        x = list(range(1, t.shape[1] + 1))
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation top-1")
+    ax.set_title("ResNet-18, rank ratio 0.25, digits (mean ± std over seeds)")
+    ax.set_xticks(x)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- 4. BN caveat
+
+@torch.no_grad()
+def bn_caveat(cfg: dict[str, Any]) -> tuple[str, list[str], dict[float, dict[str, float]]]:
+    """Per-layer errors of spectral / rescale / nkp on real activations, without and with BN's standardization."""
+    from core.data import build_datasets
+
+    train_ds, _, _ = build_datasets("digits")
+    x = torch.stack([train_ds.images[i] for i in range(cfg["bn_images"])])
+    torch.manual_seed(0)
+    dense = build_model("resnet18")
+    names = [n for n, _ in candidate_layers(dense)][1:-1]  # the layers factorize_model factors (no stem, no fc)
+    for n in names:  # the dense network holds exactly the fresh inits the factors approximate
+        get_module(dense, n).weight.copy_(fresh_init_layer(get_module(dense, n), n, 0).weight)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [get_module(dense, n).register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0]))
+             for n in names]
+    dense.train()(x)  # BN with batch statistics: the network as training starts
+    for h in hooks:
+        h.remove()
+
+    def errors(conv: nn.Conv2d, w_approx: torch.Tensor, inp: torch.Tensor) -> tuple[float, float]:
+        kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+        y = F.conv2d(inp, conv.weight, **kw).double()
+        y2 = F.conv2d(inp, w_approx, **kw).double()
+        plain = (F.relu(y) - F.relu(y2)).pow(2).sum() / F.relu(y).pow(2).sum()
+
+        def standardize(t: torch.Tensor) -> torch.Tensor:  # BN at init: gamma 1, beta 0, batch statistics
+            return (t - t.mean((0, 2, 3), keepdim=True)) / (t.var((0, 2, 3), keepdim=True, unbiased=False) + 1e-5).sqrt()
+
+        yb, y2b = standardize(y), standardize(y2)
+        bn = (F.relu(yb) - F.relu(y2b)).pow(2).sum() / F.relu(yb).pow(2).sum()
+        return float(plain), float(bn)
+
+    methods = ("spectral", "rescale", "nkp")
+    lines = ["| ratio | init | Gaussian inputs (closed form) | real activations, no BN | "
+             "real activations, after BN standardization |", "|---|---|---|---|---|"]
+    notes: list[str] = []
+    gains_by_ratio: dict[float, dict[str, float]] = {}
+    for ratio in cfg["bn_ratios"]:
+        table: dict[str, dict[str, list[float]]] = {m: {"gauss": [], "plain": [], "bn": []} for m in methods}
+        for method in methods:
+            torch.manual_seed(0)
+            fact = build_model("resnet18")
+            rep = factorize_model(fact, rank_ratio=ratio, method=method, seed=0, compare_spectral=False)
+            rows = {r.layer: r for r in rep.factored()}
+            for n in names:
+                if n not in rows:
+                    continue
+                plain, bn = errors(get_module(dense, n), get_module(fact, n).dense_weight(), inputs[n])
+                table[method]["gauss"].append(rows[n].error)
+                table[method]["plain"].append(plain)
+                table[method]["bn"].append(bn)
+
+        def mean(m: str, k: str) -> float:
+            return statistics.mean(table[m][k])
+
+        for m in methods:
+            lines.append(f"| {ratio} | {m} | {mean(m, 'gauss'):.5f} | {mean(m, 'plain'):.5f} | {mean(m, 'bn'):.5f} |")
+        gains = {k: 1 - mean("nkp", k) / mean("spectral", k) for k in ("gauss", "plain", "bn")}
+        resc = {k: 1 - mean("rescale", k) / mean("spectral", k) for k in ("gauss", "plain", "bn")}
+        lines.append(f"| {ratio} | NKP gain over spectral | {gains['gauss']:+.2%} | {gains['plain']:+.2%} | "
+                     f"{gains['bn']:+.2%} |")
+        lines.append(f"| {ratio} | rescale-only gain over spectral | {resc['gauss']:+.2%} | {resc['plain']:+.2%} | "
+                     f"{resc['bn']:+.2%} |")
+        survive = gains["bn"] / gains["plain"] if gains["plain"] > 0 else float("nan")
+        gains_by_ratio[ratio] = {"nkp_" + k: v for k, v in gains.items()} | {"rescale_" + k: v for k, v in resc.items()}
+        gains_by_ratio[ratio]["survive"] = survive
+        notes.append(f"ratio {ratio}: NKP gain over spectral: Gaussian {gains['gauss']:+.2%}, activations "
+                     f"{gains['plain']:+.2%}, after BN {gains['bn']:+.2%} ({survive:.0%} of the activation gain "
+                     f"survives BN); rescale-only after BN {resc['bn']:+.2%}")
+    return "\n".join(lines), notes, gains_by_ratio
+
+
+def reading(gains: dict[float, dict[str, float]], curves: dict[str, list[list[float]]]) -> str:
+    """The conclusions, written from the numbers of this run."""
+    out = []
+    for ratio, g in gains.items():
+        out.append(f"* Ratio {ratio}: NKP lowers the mean per-layer error by {g['nkp_gauss']:+.2%} on Gaussian "
+                   f"inputs and {g['nkp_plain']:+.2%} on real activations; of that, the row rescaling alone "
+                   f"gives {g['rescale_gauss']:+.2%} / {g['rescale_plain']:+.2%}. After BN's standardization the "
+                   f"rescale-only gain is {g['rescale_bn']:+.2%} (BN cancels it, as MATH.md Section 7 predicts) "
+                   f"and NKP keeps {g['nkp_bn']:+.2%}: {g['survive']:.0%} of its gain on activations survives BN, "
+                   "the part that comes from its subspace.")
+    finals = {init: [r[-1] for r in runs] for init, runs in curves.items()}
+    if "nkp" in finals and "spectral" in finals:
+        diff = statistics.mean(finals["nkp"]) - statistics.mean(finals["spectral"])
+        spread = max((statistics.stdev(v) for v in finals.values() if len(v) > 1), default=float("nan"))
+        verdict = ("within" if abs(diff) <= spread else "outside") if spread == spread else "not comparable with"
+        out.append(f"* Digits, end to end: final validation accuracy NKP minus spectral = {diff:+.4f}, "
+                   f"{verdict} the largest seed-to-seed standard deviation ({spread:.4f}). "
+                   + ", ".join(f"{k} {_mean_std(v)}" for k, v in finals.items()) + ".")
+        out.append("* With BatchNorm after every factored conv, the init's per-layer function error says little "
+                   "about training here: even `random` (whose factors are drawn at the Kaiming-normal scale "
+                   "2/d, larger than the `reset_parameters` weights the errors are measured against, hence "
+                   "its large error) trains as well, because BN re-normalizes every channel.")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- report
+
+def run(quick: bool) -> None:
+    cfg = QUICK if quick else FULL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        fact_table, n1 = factorize_times(cfg)
+        print("\n".join(n1), flush=True)
+        tp_table, n2 = throughput(cfg)
+        print("\n".join(n2), flush=True)
+        bn_table, n4, gains = bn_caveat(cfg)
+        print("\n".join(n4), flush=True)
+        dig_table, curves, n3 = digits(cfg)
+        print("\n".join(n3), flush=True)
+        plot_digits(curves, RESULTS / "train_digits.png")
+        total = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+
+    recipe = ", ".join(f"{k}={v}" for k, v in DIGITS_RECIPE.items() if k not in ("model", "dataset", "device"))
+    md = f"""# Factored networks: factorize time, throughput, digits accuracy, the BatchNorm caveat
+
+{environment_header()}
+Mode: {'quick' if quick else 'full'}; one intra-op thread (`torch.set_num_threads(1)`); total {total:.0f} s.
+Produced by `python -m bench {'--quick ' if quick else ''}train` (bench/train.py).
+
+## 1. Time to factorize a whole network (ImageNet heads, every conv but the stem and depthwise ones)
+
+Per-layer init is each layer's seeded `reset_parameters()` draw; "mean error" is the mean over
+factored layers of the normalized function error `L(UV)/L(0)` on Gaussian inputs (MATH.md Section 2).
+
+{fact_table}
+
+## 2. Training throughput on CPU (forward + backward + SGD step, fixed random batch)
+
+Factored layers: every conv but the stem (and depthwise ones) at the rank ratio given (random init: speed does not depend on the init).
+A lower MAC count does not turn into the same speed-up on CPU: the factored pair is two
+convolutions with a thin (r-channel) activation between them, and small convs run far below
+the machine's peak.
+
+{tp_table}
+
+## 3. Digits accuracy by init (ResNet-18, rank ratio 0.25, {cfg['digits_epochs']} epochs, seeds {cfg['digits_seeds']})
+
+Recipe (the one `tests/core/test_train.py` uses): {recipe}; standard stem (32 px input, so the
+first stage sees 8x8 maps, the digits' native resolution). Mean ± standard deviation over seeds.
+
+{dig_table}
+
+![digits accuracy per epoch](train_digits.png)
+
+## 4. The BatchNorm caveat, measured
+
+In ResNet-18 every factored conv feeds a BatchNorm. At the start of training BN standardizes
+each output channel with its batch mean and standard deviation, which undoes any per-row
+(per-output-channel) rescaling — the whole of the `rescale` method and the rescaling part of
+NKP (MATH.md Section 3) — so only NKP's choice of subspace (Section 4) can still matter.
+Below: mean per-layer errors (over the factored layers) of each init on the layer's *real* input activations
+({cfg['bn_images']} digits images through the dense network at init, BN in training mode),
+`E||relu(y) - relu(y')||^2 / E||relu(y)||^2` for the raw conv outputs y (dense) and y'
+(factored), and the same after standardizing each channel of y and y' by its own batch
+statistics (BN's effect at init, gamma = 1, beta = 0). Each layer is measured on the dense
+network's input, one layer at a time (errors do not compound; the residual add before the
+block's last ReLU is ignored).
+
+{bn_table}
+
+## What this run shows
+
+{reading(gains, curves)}
+"""
+    path = write_result("train", md)
+    print(f"wrote {path}")
