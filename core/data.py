@@ -72,11 +72,11 @@ def _digits(image_size: int) -> tuple[TensorImages, TensorImages, int]:
     x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = x.clamp(0, 1).expand(-1, 3, -1, -1)
-    mean, std = x.mean().item(), x.std().item()
-    x = ((x - mean) / std).contiguous()
     y = torch.tensor(bunch.target, dtype=torch.int64)
     idx_train, idx_val = train_test_split(range(len(y)), test_size=0.2, random_state=0,
                                           stratify=bunch.target)
+    mean, std = x[idx_train].mean().item(), x[idx_train].std().item()  # statistics of the training split
+    x = ((x - mean) / std).contiguous()
     shift = max(1, image_size // 16)
     return (TensorImages(x[idx_train], y[idx_train], shift=shift),
             TensorImages(x[idx_val], y[idx_val], shift=0), 10)

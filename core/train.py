@@ -675,6 +675,10 @@ class _Trainer:
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             metrics["epoch_time_s"] = time.perf_counter() - t0
             metrics["epoch"] = epoch + 1
+            bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+            if bad:  # NaN/inf is no result to store or resume from (and not valid JSON)
+                raise FloatingPointError(f"training diverged: {bad[0]} is {metrics[bad[0]]} after epoch "
+                                         f"{epoch + 1}; try a lower lr (now {self.config.lr}) or more warm-up")
             self.wall_time_s += metrics["epoch_time_s"]
             self.history.append(metrics)
             if self.dist.main:
@@ -686,7 +690,7 @@ class _Trainer:
 
     def _summary(self, resumed_from: int | None) -> dict[str, Any]:
         last = self.history[-1] if self.history else self.evaluate()
-        fingerprints = self.dist.gather(weights_fingerprint(self.raw_model))
+        fingerprints = self.dist.gather(weights_fingerprint(self.raw_model)) if self.dist.world > 1 else []
         summary = {
             "val_top1": last["val_top1"],
             "val_top5": last["val_top5"],

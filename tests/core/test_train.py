@@ -170,6 +170,15 @@ def test_cancel_before_the_first_checkpoint_and_a_dense_run(tmp_path):
     assert summary["epochs"] == 1 and 0.0 <= summary["val_top1"] <= 1.0
 
 
+def test_divergence_is_an_error_not_a_nan_result(tmp_path):
+    cfg = tiny_config(rank_ratio=None, include=None, epochs=1, lr=1e4, warmup_epochs=0, max_train_batches=3,
+                      max_val_batches=1)
+    with pytest.raises(FloatingPointError, match=r"training diverged: (train|val)_loss is nan after epoch 1; "
+                                                 r"try a lower lr \(now 10000.0\)"):
+        train(cfg, checkpoint_dir=tmp_path)
+    assert not (tmp_path / "last.pt").exists()  # nothing to resume from a diverged epoch
+
+
 @pytest.mark.slow
 def test_resnet18_nkp_ratio_quarter_learns_digits(tmp_path):
     """ResNet-18 at rank ratio 0.25 with NKP init reaches >= 90% on digits (360 held-out images)."""
