@@ -80,6 +80,29 @@ def epoch(ratio: float | None, images: int, batch: int, amp: str) -> dict:
             "params": s["params_factored"], "macs": s["macs_factored"]}
 
 
+def write_report(result: dict, out: Path) -> None:
+    """train_gpu.json and train_gpu.md under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_gpu.json").write_text(json.dumps(result, indent=1))
+    c, e = result["compute"], result["epoch"]
+    md = [f"# Factored ResNet-50 on {result['device']} (torch {result['torch']}, AMP {result['amp']}, "
+          f"channels-last, batch {result['batch']})", "",
+          "| variant | params | MACs / image | compute images/s | epoch images/s (train()) | epoch s | factorize s |",
+          "|---|---|---|---|---|---|---|"]
+    for label, ck, ek in (("dense", "dense", "dense"), ("factored 0.25 (NKP)", "factored_0.25", "factored_0.25_nkp")):
+        f = e[ek]["factorize_s"]
+        md.append(f"| {label} | {c[ck]['params'] / 1e6:.1f} M | {c[ck]['macs'] / 1e9:.2f} G | "
+                  f"{c[ck]['images_per_s']:.0f} | {e[ek]['images_per_s']:.0f} | {e[ek]['epoch_time_s']:.1f} | "
+                  f"{'-' if f is None else f'{f:.1f}'} |")
+    md.append("")
+    md.append(f"Factored / dense compute throughput: "
+              f"{c['factored_0.25']['images_per_s'] / c['dense']['images_per_s']:.2f}x.")
+    if "cuda_tests" in result:
+        tail = result["cuda_tests"]["tail"].strip()
+        md.append(f"CUDA tests: exit {result['cuda_tests']['returncode']}: {tail.splitlines()[-1] if tail else ''}")
+    (out / "train_gpu.md").write_text("\n".join(md) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "docs" / "results"))
@@ -105,26 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                "tests/core/test_train.py"], cwd=ROOT, capture_output=True, text=True)
         result["cuda_tests"] = {"returncode": proc.returncode, "tail": proc.stdout[-1500:]}
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_gpu.json").write_text(json.dumps(result, indent=1))
-    c, e = result["compute"], result["epoch"]
-    md = [f"# Factored ResNet-50 on {result['device']} (torch {result['torch']}, AMP {args.amp}, channels-last, "
-          f"batch {args.batch})", "",
-          "| variant | params | MACs / image | compute images/s | epoch images/s (train()) | epoch s | factorize s |",
-          "|---|---|---|---|---|---|---|"]
-    for label, ck, ek in (("dense", "dense", "dense"), ("factored 0.25 (NKP)", "factored_0.25", "factored_0.25_nkp")):
-        f = e[ek]["factorize_s"]
-        md.append(f"| {label} | {c[ck]['params'] / 1e6:.1f} M | {c[ck]['macs'] / 1e9:.2f} G | "
-                  f"{c[ck]['images_per_s']:.0f} | {e[ek]['images_per_s']:.0f} | {e[ek]['epoch_time_s']:.1f} | "
-                  f"{'-' if f is None else f'{f:.1f}'} |")
-    md.append("")
-    md.append(f"Factored / dense compute throughput: "
-              f"{c['factored_0.25']['images_per_s'] / c['dense']['images_per_s']:.2f}x.")
-    if "cuda_tests" in result:
-        md.append(f"CUDA tests: exit {result['cuda_tests']['returncode']}: "
-                  f"{result['cuda_tests']['tail'].strip().splitlines()[-1] if result['cuda_tests']['tail'].strip() else ''}")
-    (out / "train_gpu.md").write_text("\n".join(md) + "\n")
+    write_report(result, Path(args.out))
     print(json.dumps(result, indent=1))
     return 0 if result.get("cuda_tests", {"returncode": 0})["returncode"] == 0 else 1
 
