@@ -459,7 +459,9 @@ class _Trainer:
         else:
             self.model = model
 
-        # Loaders: the shuffle order is a function of (seed, epoch) only (sampler reseeded per epoch).
+        # Loaders: the generator (seeded from seed and rank; its state goes into every checkpoint)
+        # draws the shuffle order and the worker processes' seeds; under DDP the DistributedSampler
+        # shuffles with (seed, epoch).
         self.loader_gen = torch.Generator()
         self.loader_gen.manual_seed(derive_seed(cfg.seed, "loader", dist.rank))
         if dist.world > 1:
