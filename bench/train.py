@@ -155,7 +155,7 @@ def plot_digits(curves: dict[str, list[list[float]]], path) -> None:
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1")
-    ax.set_title("ResNet-18, rank ratio 0.25, digits (mean ± std over seeds)")
+    ax.set_title("ResNet-18, rank ratio 0.25, digits (mean ± std over seeds)", fontsize=10)
     ax.set_xticks(x)
     ax.legend()
     fig.tight_layout()
