@@ -22,23 +22,30 @@ class Principal:
 ANONYMOUS = Principal(name=None, admin=True)
 
 
-def get_app_settings(request: Request) -> Settings:
+# Dependencies are `async def` on purpose: they do no I/O, and a sync dependency would cost a
+# threadpool hop per request (POST /api/v1/jobs is the hot path).
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_principal(request: Request) -> Principal:
-    """With LOWRANK_AUTH=off every caller is anonymous and may act on everything.
+async def get_principal(request: Request) -> Principal:
+    """The caller that api.security.BearerAuth authenticated (ANONYMOUS, an admin, where auth is off).
 
-    Token authentication (LOWRANK_AUTH=required; api_tokens table) replaces this function.
+    Without that middleware's verdict (not installed, or an open path) the request is anonymous only
+    when auth is off; with LOWRANK_AUTH=required it is refused with 401.
     """
+    state = request.scope.get("state", {})
+    principal = state.get("principal")
+    if principal is not None:
+        return principal
     settings: Settings = request.app.state.settings
-    if settings.auth == "off":
+    if settings.auth == "off" and not state.get("auth_required", False):
         return ANONYMOUS
-    raise Unauthorized("LOWRANK_AUTH=required but this server has no token authentication configured")
+    raise Unauthorized("this server requires an API token: send `Authorization: Bearer <token>`")
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]

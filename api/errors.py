@@ -58,7 +58,8 @@ def domain_error_response(exc: DomainError) -> JSONResponse:
     body = {"detail": exc.message, "code": exc.code}
     if exc.details:
         body["info"] = jsonable_encoder(exc.details)
-    return JSONResponse(body, status_code=exc.status_code)
+    headers = {"WWW-Authenticate": 'Bearer realm="lowrank"'} if exc.status_code == 401 else None
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

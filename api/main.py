@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
+from api.security import install_security
 from api.routes import health, jobs, uploads
 from jobs import migrate
 from jobs.db import dispose_engines
@@ -46,9 +47,12 @@ def create_app() -> FastAPI:
     for module in (health, jobs, uploads):
         app.include_router(module.router)
     # Optional routers owned by other areas; included when present in this build.
-    for name in ("api.routes.prometheus",):
+    for name in ("api.routes.prometheus", "api.routes.dashboard", "api.routes.sweeps"):
         if importlib.util.find_spec(name) is not None:
             app.include_router(importlib.import_module(name).router)
+    # Last: its middleware is the outermost (token checked before a body is read) and its OpenAPI
+    # hook sees every route.
+    install_security(app, settings)
     return app
 
 
