@@ -112,9 +112,36 @@ def check_database_at_head() -> None:
                        f"head is {head}: run `lowrank db upgrade` first")
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, 0.0.0.0's spelled forms: treat as public
+
+
+def check_auth_for_bind(host: str, label: str) -> None:
+    """Auth off is allowed on a loopback bind only (announced); a non-loopback bind with auth off is
+    refused rather than silently switched on, so nobody ends up with a server they cannot reach."""
+    from jobs.settings import get_settings
+
+    if get_settings().auth != "off":
+        return
+    if not is_loopback(host):
+        raise CliError(f"--host {host} is not a loopback address and LOWRANK_AUTH is off: set "
+                       f"LOWRANK_AUTH=required (and create a token: lowrank token create NAME) to serve "
+                       f"other machines, or bind 127.0.0.1")
+    print(f"{label}: authentication is OFF (LOWRANK_AUTH=off): every request from this machine acts as "
+          f"an admin; listening on loopback {host} only", file=sys.stderr, flush=True)
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     if not (0 < args.port < 65536):
         raise CliError(f"--port must be in 1..65535, got {args.port}")
+    check_auth_for_bind(args.host, "lowrank api")
     check_database_at_head()
     import uvicorn
 
@@ -159,13 +186,11 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if not (0 < args.port < 65536):
         raise CliError(f"--port must be in 1..65535, got {args.port}")
+    check_auth_for_bind(args.host, "lowrank up")
     _check_port_free(args.host, args.port)
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     _migrate()
-    if settings.auth == "off" and args.host not in ("127.0.0.1", "localhost", "::1"):
-        raise CliError(f"--host {args.host} is not a loopback address: set LOWRANK_AUTH=required "
-                       f"to serve other machines")
     where = (f"SQLite + filesystem broker under {settings.home}" if settings.is_sqlite and settings.is_embedded_broker
              else f"database {_redact(settings.database_url)}, broker {_redact(settings.broker_url)}")
     print(f"lowrank up: {where}; API on http://{_url_host(args.host)}:{args.port} "
@@ -321,7 +346,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return up.returncode
 
     try:
-        with httpx.Client(base_url=base, timeout=30.0) as client:
+        import os
+
+        token = os.environ.get("LOWRANK_TOKEN")  # needed with LOWRANK_AUTH=required
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with httpx.Client(base_url=base, timeout=30.0, headers=headers) as client:
             _wait_ready(client, up, timeout=120.0, log_path=log_path)
             use_sweeps = sweeps_supported(client.get("/openapi.json").json())
             tag = f"demo-{secrets.token_hex(3)}"
