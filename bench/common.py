@@ -1,13 +1,38 @@
-"""What every benchmark's table states: the machine, the versions, the date."""
+"""What every benchmark's table states (the machine, the versions, the date), and where results go.
+
+`write_result(name, markdown, data=None)` writes `<RESULTS>/<name>.md` and, next to it,
+`<RESULTS>/<name>.json`: the run's metadata (date, mode, environment line), every markdown table
+of the report parsed into rows (keyed by its section heading), and `data`, the module's own
+machine-readable numbers when it passes them. bench/summary.py composes docs/results/README.md
+from these JSON files, so the summary's numbers always come from a run, never from typing.
+
+RESULTS is where results go: docs/results/ by default; `python -m bench --out DIR` points it
+(and the RESULTS name of each benchmark module it runs) at DIR. Modules should refer to
+`common.RESULTS` or their own module-level `RESULTS` at call time, not copy it elsewhere.
+"""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+RESULTS = Path(os.environ["LOWRANK_BENCH_OUT"]).resolve() if os.environ.get("LOWRANK_BENCH_OUT") else DEFAULT_RESULTS
+MODE: str | None = None  # "quick" | "full" while `python -m bench` runs; recorded in each JSON
+
+
+def set_results_dir(path: str | os.PathLike[str]) -> Path:
+    """Point RESULTS (here and for subprocesses, via LOWRANK_BENCH_OUT) at `path`; returns it."""
+    global RESULTS
+    RESULTS = Path(path).resolve()
+    os.environ["LOWRANK_BENCH_OUT"] = str(RESULTS)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS
 
 
 def _version(pkg: str) -> str:
@@ -40,9 +65,52 @@ def environment_header() -> str:
     )
 
 
-def write_result(name: str, markdown: str) -> Path:
-    """Write docs/results/<name>.md (header + body) and return its path."""
+_HEADER_RE = re.compile(r"^\*Measured (.+?) on .*\*$", re.M)
+
+
+def parse_tables(markdown: str) -> list[dict[str, Any]]:
+    """Every pipe table of a markdown text: [{"section": last heading above it, "columns": [...],
+    "rows": [{column: cell text}]}]. Cells stay text (with their units); bench/summary.py reads numbers."""
+    tables: list[dict[str, Any]] = []
+    section = ""
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("#"):
+            section = line.lstrip("#").strip()
+        if (line.startswith("|") and i + 1 < len(lines)
+                and re.fullmatch(r"\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?", lines[i + 1].strip())):
+            columns = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                rows.append(dict(zip(columns, cells)))
+                i += 1
+            tables.append({"section": section, "columns": columns, "rows": rows})
+            continue
+        i += 1
+    return tables
+
+
+def write_result(name: str, markdown: str, data: dict[str, Any] | None = None) -> Path:
+    """Write <RESULTS>/<name>.md (header + body) and <RESULTS>/<name>.json; return the .md path.
+
+    `data` (optional, JSON-serializable): the module's own numbers, e.g. {"p99_ms": 41.0, ...};
+    bench/summary.py prefers them to the parsed tables."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.md"
     path.write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    header = _HEADER_RE.search(markdown)
+    meta = {
+        "name": name,
+        "markdown": path.name,
+        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "measured": header.group(1) if header else None,
+        "mode": MODE,
+        "data": data,
+        "tables": parse_tables(markdown),
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     return path

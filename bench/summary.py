@@ -1,0 +1,324 @@
+"""Compose <results>/README.md: every goal of the issues next to the number a run measured.
+
+    python -m bench.summary [--out DIR]      (python -m bench runs it after the benchmarks)
+
+Numbers come from the files the benchmarks wrote: `<name>.json` (bench/common.write_result: the
+module's `data` and its parsed tables) when present, else the tables parsed from `<name>.md`.
+Nothing here is typed in by hand; a goal whose file is missing says "not measured", and a file
+whose tables changed shape says so instead of showing a stale number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+
+# ----------------------------------------------------------------------------- reading results
+
+class Result:
+    """One benchmark's output: metadata, `data` (may be None) and tables."""
+
+    def __init__(self, out: Path, name: str) -> None:
+        self.name = name
+        self.md_path = out / f"{name}.md"
+        json_path = out / f"{name}.json"
+        self.exists = self.md_path.exists() or json_path.exists()
+        meta: dict[str, Any] = {}
+        if json_path.exists():
+            meta = json.loads(json_path.read_text())
+        elif self.md_path.exists():
+            text = self.md_path.read_text()
+            header = common._HEADER_RE.search(text)
+            meta = {"measured": header.group(1) if header else None, "tables": common.parse_tables(text),
+                    "mode": "quick" if re.search(r"\(quick run\)|Mode: quick|--quick", text[:3000]) else "full"}
+        self.data: dict[str, Any] = meta.get("data") or {}
+        self.tables: list[dict[str, Any]] = meta.get("tables") or []
+        self.measured: str | None = meta.get("measured")
+        self.mode: str | None = meta.get("mode")
+        self.text = self.md_path.read_text() if self.md_path.exists() else ""
+
+    def table(self, section_re: str, *columns_re: str) -> dict[str, Any]:
+        """The first table whose section heading matches and that has columns matching every pattern."""
+        for t in self.tables:
+            if re.search(section_re, t["section"], re.I) and all(
+                    any(re.search(c, col, re.I) for col in t["columns"]) for c in columns_re):
+                return t
+        raise LookupError(f"no table under a heading matching {section_re!r} with columns {list(columns_re)} "
+                          f"in {self.name}.md")
+
+    def link(self) -> str:
+        return f"[{self.name}.md]({self.name}.md)"
+
+    def stamp(self) -> str:
+        bits = [b for b in (self.mode, self.measured) if b]
+        return f"{self.link()} ({', '.join(bits)})" if bits else self.link()
+
+
+def col(row: dict[str, str], pattern: str) -> str:
+    for k, v in row.items():
+        if re.search(pattern, k, re.I):
+            return v
+    raise LookupError(f"no column matching {pattern!r} (columns: {list(row)})")
+
+
+def num(text: str) -> float:
+    """The first number in a cell ('1,234', '0.9759 ± 0.0042', '2.05x', '0.0006 %', '12 ms')."""
+    m = re.search(r"[-+]?\d[\d,]*\.?\d*(?:[eE][-+]?\d+)?", text)
+    if not m:
+        raise ValueError(f"no number in {text!r}")
+    return float(m.group(0).replace(",", ""))
+
+
+def find_data(data: dict[str, Any], *patterns: str) -> float | None:
+    """The value of the first key of `data` (flattened) that matches every pattern; None if none does."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix] = value
+
+    walk("", data)
+    for key, value in flat.items():
+        if all(re.search(p, key, re.I) for p in patterns):
+            return float(value)
+    return None
+
+
+# A goal row: (issue, goal text, measured text, verdict, source). Verdicts: "met", "**not met**",
+# "reported" (the issue asks for the number, no threshold), "not measured", "unreadable".
+Row = tuple[str, str, str, str, str]
+
+
+def _verdict(ok: bool, res: Result, full_sizes: bool = True) -> str:
+    v = "met" if ok else "**not met**"
+    if res.mode == "quick" and full_sizes:
+        v += " (quick sizes)"
+    return v
+
+
+# ----------------------------------------------------------------------------- per-issue goals
+
+def approx_goals(res: Result) -> list[Row]:
+    src = res.stamp()
+    rows: list[Row] = []
+    t1 = res.table(r"versus rank", r"^r$", r"nkp / spectral")
+    ratios = [(int(num(r["r"])), num(r["nkp / spectral"])) for r in t1["rows"]]
+    mono = all(a[1] <= b[1] + 1e-9 for a, b in zip(ratios, ratios[1:]))
+    rows.append(("2", "Claim 1: NKP's gain over spectral widens as the rank r decreases (nkp / spectral error)",
+                 f"{ratios[-1][1]:.3f} at r = {ratios[-1][0]} -> {ratios[0][1]:.3f} at r = {ratios[0][0]}; "
+                 f"monotone: {'yes' if mono else 'no'}", _verdict(mono, res, False), src))
+    t2 = res.table(r"versus dimension", r"^d$", r"nkp / spectral")
+    dims = [(int(num(r["d"])), num(r["nkp / spectral"])) for r in t2["rows"]]
+    mono_d = all(a[1] >= b[1] - 1e-9 for a, b in zip(dims, dims[1:]))
+    rows.append(("2", "Claim 2: the gain widens as the dimension d grows (r = 4, m = d^1.5)",
+                 f"{dims[0][1]:.3f} at d = {dims[0][0]} -> {dims[-1][1]:.3f} at d = {dims[-1][0]}; "
+                 f"monotone: {'yes' if mono_d else 'no'}", _verdict(mono_d, res, False), src))
+    gap = max(num(r["nkp above reference"]) for r in t1["rows"] + t2["rows"])
+    rows.append(("2", "NKP within 1 % of the reference optimum", f"at most {gap:.4f} % above it (both tables)",
+                 _verdict(gap <= 1.0, res, False), src))
+    t3 = res.table(r"^3\.|time", r"svd", r"nkp")
+    svd = min(num(col(r, r"svd")) for r in t3["rows"])
+    nkp = min(num(col(r, r"^nkp")) for r in t3["rows"])
+    size = re.search(r"\((\d+ x \d+)[^,]*, r = (\d+)\)", t3["section"])
+    where = f"{size.group(1)}, r = {size.group(2)}" if size else "see file"
+    rows.append(("2", "NKP at most 3x the time of a truncated torch.linalg.svd (4096 x 4096, r = 256)",
+                 f"{nkp / svd:.2f}x ({nkp:.2f} s vs {svd:.2f} s, fastest runs; {where})",
+                 _verdict(nkp / svd <= 3.0, res), src))
+    try:
+        t4 = res.table(r"learning from samples", r"promise held")
+        held = [r["promise held"] for r in t4["rows"]]
+        ok = all(num(h.split("/")[0]) / num(h.split("/")[1]) >= 0.9 for h in held)  # delta = 0.1
+        rows.append(("2", "Learner meets its promise in >= 1 - delta of the runs",
+                     "; ".join(f"noise {r['noise']}, eps {r['eps']}: {r['promise held']}" for r in t4["rows"]),
+                     _verdict(ok, res, False), src))
+    except LookupError:
+        pass
+    return rows
+
+
+def train_goals(res: Result) -> list[Row]:
+    src = res.stamp()
+    rows: list[Row] = []
+    t1 = res.table(r"factorize", r"NKP / spectral time")
+    parts = [f"{r['model']} @ {r['ratio']}: {num(r['NKP time (s)']):.1f} s vs {num(r['spectral time (s)']):.1f} s "
+             f"({num(r['NKP / spectral time']):.2f}x)" for r in t1["rows"]]
+    rows.append(("3", "Time to factorize a whole ResNet-50 / EfficientNet-B0, NKP vs spectral (ratio)",
+                 "; ".join(parts), "reported", src))
+    t2 = res.table(r"throughput", r"speed-up")
+    parts = [f"{r['model']} {r['variant'].replace('factored ', '')}: {r['speed-up vs dense']}"
+             for r in t2["rows"] if r["variant"] != "dense"]
+    rows.append(("3", "Training throughput (CPU images/s), factored at 0.1 / 0.25 / 0.5 vs dense",
+                 "; ".join(parts), "reported", src))
+    t3 = res.table(r"digits", r"^init$", r"val top-1")
+    last = [c for c in t3["columns"] if re.search(r"val top-1", c)][-1]
+    parts = [f"{r['init']} {r[last]}" for r in t3["rows"]]
+    seeds = re.search(r"seeds (\[[^\]]*\])", t3["section"])
+    rows.append(("3", "Digits (ResNet-18, ratio 0.25): random vs spectral vs nkp init over 3 seeds, mean ± std",
+                 f"{last}{', seeds ' + seeds.group(1) if seeds else ''}: " + "; ".join(parts),
+                 "reported" + (" (quick sizes)" if res.mode == "quick" else ""), src))
+    try:
+        t4 = res.table(r"batchnorm", r"after BN")
+        gains = [f"ratio {r['ratio']}: {col(r, 'no BN')} -> {col(r, 'after BN')}" for r in t4["rows"]
+                 if r["init"] == "NKP gain over spectral"]
+        if gains:
+            rows.append(("3", "BatchNorm caveat: NKP's per-layer gain over spectral, real activations, before -> after BN",
+                         "; ".join(gains), "reported", src))
+    except LookupError:
+        pass
+    return rows
+
+
+def _first(res: Result, data_patterns: list[tuple[str, ...]], table_search: Callable[[], float] | None) -> float:
+    for pats in data_patterns:
+        v = find_data(res.data, *pats)
+        if v is not None:
+            return v
+    if table_search is None:
+        raise LookupError(f"no number for {data_patterns[0]} in {res.name}")
+    return table_search()
+
+
+def _table_value(res: Result, row_re: str, col_re: str) -> float:
+    """Any table: the first row with a cell matching row_re, its column matching col_re."""
+    for t in res.tables:
+        target = [c for c in t["columns"] if re.search(col_re, c, re.I)]
+        if not target:
+            continue
+        for r in t["rows"]:
+            if any(re.search(row_re, v, re.I) for v in r.values()):
+                return num(r[target[0]])
+    raise LookupError(f"no row matching {row_re!r} with a column matching {col_re!r} in {res.name}.md")
+
+
+def sweeps_goals(res: Result) -> list[Row]:
+    src = res.stamp()
+    rows: list[Row] = []
+    q = _first(res, [("results", "10000|10k", "p50"), ("results", "10000|10k", "ms"), ("results", "ms")],
+               lambda: _table_value(res, r"result", r"p50|ms"))
+    rows.append(("5", "Results table of a 10,000-job sweep in under 200 ms", f"{q:.1f} ms",
+                 _verdict(q < 200, res), src))
+    created = []
+    for n, pats in (("1,000", r"(^|\D)1000(\D|$)|1k"), ("10,000", r"10000|10k")):
+        try:
+            v = _first(res, [("creat", pats, r"_s$|sec"), ("creat", pats, "ms"), ("creat", pats)],
+                       lambda: _table_value(res, n, r"\(s\)|time|seconds|ms"))
+            created.append(f"{n} points: {v:.2f}")
+        except LookupError:
+            created.append(f"{n} points: not found")
+    rows.append(("9", "Sweep creation time for 1,000 and 10,000 points", "; ".join(created) +
+                 " (units as in the file)", "reported", src))
+    return rows
+
+
+def load_goals(res: Result) -> list[Row]:
+    src = res.stamp()
+    rate = _first(res, [("submi", "per_s|/s|rps"), ("request", "per_s|/s|rps"), ("throughput",), ("rps",)],
+                  lambda: _table_value(res, r".", r"/s|per s"))
+    p50 = _first(res, [("p50",)], lambda: _table_value(res, r".", r"p50"))
+    p99 = _first(res, [("p99",)], lambda: _table_value(res, r".", r"p99"))
+    ok = rate >= 300 and p99 < 100
+    return [("7", "50 concurrent clients submit 5,000 jobs: >= 300 submissions/s with p99 < 100 ms",
+             f"{rate:,.0f} submissions/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms", _verdict(ok, res), src)]
+
+
+def service_goals(res: Result) -> list[Row]:
+    src = res.stamp()
+    d = res.data
+    if not d:
+        raise LookupError("service.json has no data")
+    return [
+        ("9", "Metric ingestion rate (points/s) with bulk writes, vs one row per call (same run)",
+         f"{d['ingest_bulk_points_per_s']:,.0f} points/s in batches of {d['ingest_bulk_batch']} vs "
+         f"{d['ingest_single_points_per_s']:,.0f} one row per call: {d['ingest_bulk_ratio']:.0f}x; "
+         f"{d['ingest_writers']} writers at once {d['ingest_concurrent_points_per_s']:,.0f} points/s",
+         "reported", src),
+        ("9", "Time from submit to a job running on an idle worker",
+         f"p50 {d['submit_to_running_p50_ms']:.1f} ms, p99 {d['submit_to_running_p99_ms']:.1f} ms "
+         f"({d['submit_to_running_n']} jobs)", "reported", src),
+        ("9", "(extra) Reading a job's metrics, server-side downsampled",
+         f"{d['metrics_read_points']:,} stored points: p50 {d['metrics_read_p50_ms']:.1f} ms", "reported", src),
+    ]
+
+
+# (result name, what it covers when missing, issue, reader)
+SOURCES: list[tuple[str, str, str, Callable[[Result], list[Row]]]] = [
+    ("approx", "approximation quality and speed (bench/approx.py)", "2", approx_goals),
+    ("train", "factorize time, throughput, digits init comparison (bench/train.py)", "3", train_goals),
+    ("service_sweeps", "sweep creation and the 10,000-job results query (bench/service_sweeps.py)", "5", sweeps_goals),
+    ("load", "50-client submission throughput and latency (bench/load.py)", "7", load_goals),
+    ("service", "metric ingestion and submit-to-running (bench/service.py)", "9", service_goals),
+]
+
+
+def goal_rows(out: Path) -> list[Row]:
+    rows: list[Row] = []
+    for name, what, issue, reader in SOURCES:
+        res = Result(out, name)
+        if not res.exists:
+            rows.append((issue, what, "—", "not measured", f"no {name}.md in this directory"))
+            continue
+        try:
+            rows.extend(reader(res))
+        except (LookupError, ValueError, KeyError, ZeroDivisionError) as exc:
+            rows.append((issue, what, f"could not read the numbers: {exc}", "unreadable", res.stamp()))
+    return rows
+
+
+def compose(out: Path, *, timings: dict[str, float] | None = None, failed: list[str] | None = None,
+            total_s: float | None = None, mode: str | None = None) -> str:
+    rows = goal_rows(out)
+    table = ["| issue | goal | measured | verdict | source (mode, date) |", "|---|---|---|---|---|"]
+    for issue, goal, measured, verdict, src in rows:
+        table.append(f"| {issue} | {goal} | {measured.replace('|', '/')} | {verdict} | {src} |")
+    others = sorted(p.name for p in out.glob("*.md") if p.name != "README.md")
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    run = ""
+    if timings is not None:
+        run = (f"\nThis summary was written by `python -m bench{' --quick' if mode == 'quick' else ''}` after running "
+               + ", ".join(f"{k} ({v:.0f} s)" for k, v in timings.items())
+               + (f"; {total_s:.0f} s in all" if total_s is not None else "")
+               + (f". **Failed: {', '.join(failed)}** (see the run's output)" if failed else "") + ".\n")
+    return f"""# Results: goals versus measured numbers
+
+{common.environment_header()}
+Generated by bench/summary.py from the result files in this directory (each states its own machine,
+versions and date in its header; the source column gives each one's mode and date). Regenerate with
+`make bench` (every benchmark, full sizes, into docs/results/) or `python -m bench.summary`; a
+`--quick` run writes to bench/_out/quick/ and its sizes are smaller than the goals' (verdicts marked
+"quick sizes"). "reported" means the issue asks for the number without a threshold.
+{run}
+{chr(10).join(table)}
+
+Detailed reports: {', '.join(f'[{n}]({n})' for n in others) or 'none'}.
+Plots: {', '.join(f'[{n}]({n})' for n in pngs) or 'none'}.
+"""
+
+
+def write_summary(out: Path | str | None = None, **kwargs: Any) -> Path:
+    out = Path(out) if out is not None else common.RESULTS
+    path = out / "README.md"
+    path.write_text(compose(out, **kwargs))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.summary", description=__doc__)
+    parser.add_argument("--out", metavar="DIR", default=str(common.DEFAULT_RESULTS))
+    args = parser.parse_args(argv)
+    path = write_summary(Path(args.out))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
