@@ -27,7 +27,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from jobs import store
+from jobs import store, sweeps
 from jobs.errors import NotFound
 from jobs.queue import TASK_REAP, TASK_RUN_JOB, enqueue_job
 from jobs.settings import get_settings
@@ -66,12 +66,18 @@ class MetricsBuffer:
         self.first_at: float | None = None
         self.written = 0
         self._lock = threading.Lock()
+        # Sweep early stopping (jobs/sweeps.py): rows named in `urgent` are written at once, and
+        # `after_write(rows)` runs after each successful write.
+        self.urgent: frozenset[str] = frozenset()
+        self.after_write = None
 
     def add(self, rows: list[tuple[str, int, float]]) -> None:
         with self._lock:
             if not self.rows:
                 self.first_at = time.monotonic()
             self.rows.extend(rows)
+        if self.urgent and any(r[0] in self.urgent for r in rows):
+            self.flush(raise_errors=False)
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
@@ -100,8 +106,13 @@ class MetricsBuffer:
                     time.sleep(backoff_s * (attempt + 1))
                     continue
                 self.written += len(self.rows)
-                self.rows.clear()
+                written, self.rows = self.rows, []
                 self.first_at = None
+                if self.after_write is not None:
+                    try:
+                        self.after_write(written)
+                    except Exception:  # noqa: BLE001 - a hook never fails the job
+                        log.warning("job %s: after-write hook failed", self.job_id, exc_info=True)
                 return
 
 
@@ -213,6 +224,7 @@ def run_job(task: Task, job_id: str) -> str:
     ctx = RunContext(str(job.id), owner, settings.artifacts / str(job.id))
     if job.cancel_requested:
         ctx.cancel.set()
+    early_stopping = _attach_early_stopping(job, ctx)
     beat = Heartbeat(ctx, settings.heartbeat_interval_s)
     beat.start()
     status, result, error = "failed", None, None
@@ -242,7 +254,32 @@ def run_job(task: Task, job_id: str) -> str:
                     "outcome %s not recorded", job_id, owner, status)
         return "lost"
     log.info("job %s: %s", job_id, status)
+    if early_stopping:
+        try:
+            sweeps.on_job_finished(str(job.sweep_id))
+        except Exception:  # noqa: BLE001
+            log.warning("job %s: early-stopping check failed", job_id, exc_info=True)
     return status
+
+
+def _attach_early_stopping(job: store.JobRecord, ctx: RunContext) -> bool:
+    """For a job of a sweep with early stopping: write epoch-end metrics at once and judge the sweep's
+    milestones after each such write (jobs/sweeps.py); a verdict against this job stops it at once."""
+    try:
+        if not job.sweep_id or not sweeps.has_early_stopping(job.sweep_id):
+            return False
+    except Exception:  # noqa: BLE001
+        log.warning("job %s: could not read its sweep's early-stopping rule", job.id, exc_info=True)
+        return False
+
+    def after_write(rows: list[tuple[str, int, float]]) -> None:
+        if ctx.job_id in sweeps.on_epoch_metrics(str(job.sweep_id), rows):
+            log.info("job %s: stopped by its sweep's early stopping", ctx.job_id)
+            ctx.cancel.set()
+
+    ctx.metrics.urgent = frozenset({sweeps.EPOCH_END_MARKER})
+    ctx.metrics.after_write = after_write
+    return True
 
 
 class JobRequest(Request):
