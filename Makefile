@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-core test-service bench bench-quick browser clean
+.PHONY: demo test test-core test-service bench bench-quick browser tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,16 +12,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[worker,test]'
 	touch $(STAMP)
 
-# Debian's chromium for the dashboard's browser tests (Playwright drives it; no browser download).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the browser tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+# Debian packages the tests use: chromium for the dashboard's browser tests (Playwright drives it;
+# no browser download), shellcheck for the Slurm script, docker-compose to validate the compose file.
+TOOLS := chromium:chromium shellcheck:shellcheck docker-compose:docker-compose
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+browser: tools
 
 demo: $(STAMP)
 	$(BIN)/lowrank demo
 
-test: $(STAMP) browser
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-core: $(STAMP)

@@ -34,7 +34,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 PRIORITIES = ("high", "normal", "low")
-QUEUES = ("cpu", "gpu")
+# Queue families: cpu, gpu (one GPU per job), gpu<N> (one job on N GPUs of one node, DDP under torchrun).
+MAX_JOB_DEVICES = 8
+QUEUES = ("cpu", "gpu", *(f"gpu{n}" for n in range(2, MAX_JOB_DEVICES + 1)))
 JOB_KINDS = ("approx", "learn", "train")
 
 # JSONB on Postgres (indexable, compact), JSON text elsewhere.

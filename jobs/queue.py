@@ -11,18 +11,19 @@ from typing import Literal
 
 from celery import Celery
 
+from jobs.models import QUEUES
 from jobs.settings import Settings, get_settings
 
 TASK_RUN_JOB = "lowrank.run_job"  # one arg: job id (str UUID)
 TASK_REAP = "lowrank.reap_stale_jobs"
 
-DEVICES: tuple[str, ...] = ("cpu", "gpu")
+DEVICES: tuple[str, ...] = QUEUES  # cpu, gpu, gpu2..gpu8 (jobs.models.QUEUES)
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 
 
-def queue_name(device: Literal["cpu", "gpu"], priority: Literal["high", "normal", "low"],
+def queue_name(device: str, priority: Literal["high", "normal", "low"],
                settings: Settings | None = None) -> str:
-    """`<queue_prefix><device>.<priority>`, e.g. "lowrank.cpu.normal"."""
+    """`<queue_prefix><device>.<priority>`, e.g. "lowrank.cpu.normal", "lowrank.gpu4.high"."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if priority not in PRIORITIES:
@@ -31,7 +32,7 @@ def queue_name(device: Literal["cpu", "gpu"], priority: Literal["high", "normal"
     return f"{prefix}{device}.{priority}"
 
 
-def queue_names(device: Literal["cpu", "gpu"], settings: Settings | None = None) -> list[str]:
+def queue_names(device: str, settings: Settings | None = None) -> list[str]:
     """The queues one worker of `device` consumes, highest priority first (pass to `celery worker -Q`)."""
     return [queue_name(device, p, settings) for p in PRIORITIES]  # type: ignore[arg-type]
 
@@ -94,7 +95,7 @@ def _queue(celery_app: Celery, device: str, priority: str) -> str:
     return f"{prefix}{device}.{priority}"
 
 
-def enqueue_job(celery_app: Celery, job_id: str, device: Literal["cpu", "gpu"],
+def enqueue_job(celery_app: Celery, job_id: str, device: str,
                 priority: Literal["high", "normal", "low"]) -> None:
     """Send TASK_RUN_JOB(job_id) to its queue. Call only after the job row is committed."""
     celery_app.send_task(

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, field_validator
 
 from jobs.settings import get_settings
+from jobs.models import MAX_JOB_DEVICES
 
 APPROX_METHODS = ("spectral", "rescale", "nkp", "random", "reference")
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101",
@@ -29,7 +30,7 @@ TEXT_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 TAG_PATTERN = r"^[A-Za-z0-9_.:=+\-/]+$"
 
 Priority = Literal["high", "normal", "low"]
-Device = Literal["cpu", "gpu"]
+Device = str  # a queue family of jobs.models.QUEUES: "cpu", "gpu" or "gpu<N>"
 ModelName = Literal["resnet18", "resnet34", "resnet50", "resnet101",
                     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"]
 _LAYER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -191,7 +192,8 @@ class TrainSpec(_Common):
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
     device: Literal["cpu", "cuda"] = "cpu"
-    devices: int = Field(1, ge=1, le=64, description="GPUs for one job (device=cuda)")
+    devices: int = Field(1, ge=1, le=MAX_JOB_DEVICES,
+                         description="GPUs of one node for one job (device=cuda; >1 runs DDP under torchrun)")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     synthetic_train_size: int = Field(1024, ge=1, le=10_000_000)
     synthetic_val_size: int = Field(256, ge=1, le=10_000_000)
@@ -285,9 +287,11 @@ def spec_to_dict(spec: AnySpec) -> dict[str, Any]:
 
 
 def queue_for(spec: AnySpec) -> Device:
-    """Which queue family runs this spec: train jobs on device=cuda go to GPU workers, the rest to CPU."""
+    """Which queue family runs this spec: train jobs on device=cuda go to GPU workers ("gpu" for one GPU,
+    "gpu<N>" for devices=N, consumed by workers that hold N GPUs: `lowrank worker --gpus-per-worker N`),
+    the rest to CPU workers."""
     if isinstance(spec, TrainSpec) and spec.device == "cuda":
-        return "gpu"
+        return "gpu" if spec.devices == 1 else f"gpu{spec.devices}"
     return "cpu"
 
 

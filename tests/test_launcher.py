@@ -53,6 +53,9 @@ def test_gpu_errors_name_the_field(tmp_path):
         parse_gpu_option("0,0", {})
     with pytest.raises(LaunchError, match="not a GPU index"):
         parse_gpu_option("0,x", {})
+    assert parse_queues("gpu4,cpu") == ["gpu4", "cpu"]
+    with pytest.raises(LaunchError, match="unknown queue 'gpu9'; allowed: cpu, gpu, gpu2..gpu8"):
+        parse_queues("gpu9")
     with pytest.raises(LaunchError, match="unknown queue 'tpu'; allowed: cpu, gpu"):
         parse_queues("cpu,tpu")
 
@@ -79,6 +82,37 @@ def test_plan_one_worker_per_gpu():
     assert single.argv[single.argv.index("-c") + 1] == "2"
 
 
+def test_plan_multi_gpu_workers():
+    """--gpus-per-worker N: one worker per N consecutive GPUs, all N visible to it (DDP jobs of devices=N)."""
+    q4 = ["t.gpu4.high", "t.gpu4.normal", "t.gpu4.low"]
+    plan = plan_workers(queues=q4, gpus=[str(i) for i in range(8)], gpus_per_worker=4, hostname="n",
+                        cpu_count=32, environ={})
+    assert [p.name for p in plan] == ["worker@n-gpu0-3", "worker@n-gpu4-7"]
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plan] == ["0,1,2,3", "4,5,6,7"]
+    assert [p.env["OMP_NUM_THREADS"] for p in plan] == ["16", "16"]  # 32 cores / 2 workers
+    assert all(p.argv[p.argv.index("-Q") + 1] == ",".join(q4) for p in plan)
+    with pytest.raises(LaunchError, match=r"--gpus-per-worker 4: the 6 GPUs \(0,1,2,3,4,5\) do not split"):
+        plan_workers(queues=q4, gpus=[str(i) for i in range(6)], gpus_per_worker=4, environ={})
+    with pytest.raises(LaunchError, match="--gpus-per-worker must be an integer from 1 to 8, got 9"):
+        plan_workers(queues=q4, gpus=["0"], gpus_per_worker=9, environ={})
+
+
+def test_multi_gpu_train_specs_route_to_their_queue_family():
+    from jobs.queue import queue_name
+    from jobs.settings import Settings
+    from jobs.specs import parse_spec, queue_for
+
+    base = {"kind": "train", "model": "resnet18", "dataset": "digits", "rank_ratio": 0.25, "init": "nkp"}
+    assert queue_for(parse_spec(base)) == "cpu"
+    assert queue_for(parse_spec({**base, "device": "cuda"})) == "gpu"
+    assert queue_for(parse_spec({**base, "device": "cuda", "devices": 4})) == "gpu4"
+    assert queue_name("gpu4", "high", Settings(queue_prefix="p.")) == "p.gpu4.high"
+    with pytest.raises(ValueError, match="less than or equal to 8"):
+        parse_spec({**base, "device": "cuda", "devices": 9})
+    with pytest.raises(ValueError, match="devices > 1 needs device='cuda'"):
+        parse_spec({**base, "devices": 2})
+
+
 def _lowrank(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lowrank", *args], env=env, capture_output=True, text=True,
                           timeout=60)
@@ -96,6 +130,14 @@ def test_cli_dry_run_and_errors(tmp_path):
     assert "-Q dry.gpu.high,dry.gpu.normal,dry.gpu.low " in lines[0]  # default with --gpus: gpu queues
     out = _lowrank("worker", "--hostname", "h", "--dry-run", env=env)
     assert "-Q dry.cpu.high,dry.gpu.high,dry.cpu.normal,dry.gpu.normal,dry.cpu.low,dry.gpu.low " in out.stdout
+    out = _lowrank("worker", "--gpus", "all", "--gpus-per-worker", "2", "--hostname", "h", "--dry-run", env=env)
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stdout.strip().splitlines()
+    assert line.startswith("worker@h-gpu1-2: CUDA_VISIBLE_DEVICES=1,2 ")
+    assert "-Q dry.gpu2.high,dry.gpu2.normal,dry.gpu2.low " in line
+    out = _lowrank("worker", "--gpus-per-worker", "2", "--dry-run", env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --gpus-per-worker needs --gpus (the GPUs to group)"
     out = _lowrank("worker", "--gpus", "7", "--dry-run", env=env)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --gpus 7 not in CUDA_VISIBLE_DEVICES='1,2' (the GPUs this process may use)"

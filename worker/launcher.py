@@ -5,6 +5,11 @@ The launcher process never imports torch and never initializes CUDA: the GPU lis
 its own `celery worker` child with `CUDA_VISIBLE_DEVICES` set to that one device and a distinct
 node name (`worker@<host>-gpu<N>`), so a job sees exactly one GPU as `cuda:0`.
 
+Multi-GPU jobs (a train spec with `devices: N`) go to the queue family `gpu<N>`. `--gpus-per-worker N`
+groups the GPU list into workers of N GPUs each (`CUDA_VISIBLE_DEVICES=0,1,2,3`, node
+`worker@<host>-gpu0-3`) that consume the `gpu<N>` queues; the job's training then runs one process
+per GPU under torchrun (core/distributed.py).
+
 Supervision is deliberately plain: the first SIGTERM or SIGINT the launcher receives is forwarded
 to every child as SIGTERM (Celery's warm shutdown: running jobs finish; uvicorn: graceful stop),
 a second one or SIGQUIT as SIGQUIT (Celery's cold shutdown). Children run in their own process
@@ -30,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-DEVICES = ("cpu", "gpu")
+from jobs.models import MAX_JOB_DEVICES, QUEUES as DEVICES  # cpu, gpu, gpu2..gpu8
 PRIORITIES = ("high", "normal", "low")  # consumption order: Redis queue_order_strategy="priority"
 CELERY_APP = "worker.celery_app:app"
 
@@ -113,7 +118,8 @@ def parse_queues(value: str | None) -> list[str]:
         raise LaunchError("--queues must name at least one of: cpu, gpu")
     bad = [q for q in items if q not in DEVICES]
     if bad:
-        raise LaunchError(f"--queues: unknown queue {bad[0]!r}; allowed: cpu, gpu (comma-separated)")
+        raise LaunchError(f"--queues: unknown queue {bad[0]!r}; allowed: cpu, gpu, gpu2..gpu{MAX_JOB_DEVICES} "
+                          "(comma-separated)")
     return list(dict.fromkeys(items))
 
 
@@ -128,6 +134,7 @@ def celery_queue_names(devices: Sequence[str]) -> list[str]:
 
 
 def plan_workers(*, queues: Sequence[str], gpus: Sequence[str] | None,
+                 gpus_per_worker: int = 1,
                  concurrency: int = 1, pool: str = "prefork", loglevel: str = "INFO",
                  hostname: str | None = None, cpu_count: int | None = None,
                  python: str = sys.executable,
@@ -139,6 +146,8 @@ def plan_workers(*, queues: Sequence[str], gpus: Sequence[str] | None,
     gpus=None: one worker `worker@<host>` with the environment unchanged. gpus=[...]: one worker
     per entry, `CUDA_VISIBLE_DEVICES=<entry>`, node name `worker@<host>-gpu<entry or index>`, and
     OMP/MKL threads split between them (unless the caller already set OMP_NUM_THREADS).
+    gpus_per_worker=N > 1: one worker per N consecutive entries (`CUDA_VISIBLE_DEVICES=a,b,...`); the
+    caller passes the `gpu<N>` queues. The GPU count must be a multiple of N.
     """
     if concurrency < 1:
         raise LaunchError(f"--concurrency must be >= 1, got {concurrency}")
@@ -156,12 +165,21 @@ def plan_workers(*, queues: Sequence[str], gpus: Sequence[str] | None,
 
     if gpus is None:
         return [PlannedProcess(name=f"worker@{host}", argv=argv(f"worker@{host}"), env={})]
+    k = gpus_per_worker
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_JOB_DEVICES:
+        raise LaunchError(f"--gpus-per-worker must be an integer from 1 to {MAX_JOB_DEVICES}, got {k!r}")
+    if len(gpus) % k:
+        raise LaunchError(f"--gpus-per-worker {k}: the {len(gpus)} GPUs ({','.join(gpus)}) do not split "
+                          f"into groups of {k}")
     plan = []
-    threads = max(1, (cpu_count or os.cpu_count() or 1) // len(gpus))
-    for i, gpu in enumerate(gpus):
-        tag = gpu if gpu.isdigit() else str(i)
+    groups = [list(gpus[i:i + k]) for i in range(0, len(gpus), k)]
+    threads = max(1, (cpu_count or os.cpu_count() or 1) // len(groups))
+    for i, group in enumerate(groups):
+        tags = [g if g.isdigit() else str(i * k + j) for j, g in enumerate(group)]
+        tag = tags[0] if k == 1 else f"{tags[0]}-{tags[-1]}"
         node = f"worker@{host}-gpu{tag}"
-        env = {"CUDA_VISIBLE_DEVICES": gpu, "LOWRANK_WORKER_GPU": gpu}
+        visible = ",".join(group)
+        env = {"CUDA_VISIBLE_DEVICES": visible, "LOWRANK_WORKER_GPU": visible}
         if "OMP_NUM_THREADS" not in environ:
             # N workers each spinning all cores' worth of CPU threads would oversubscribe the node.
             env["OMP_NUM_THREADS"] = str(threads)

@@ -58,11 +58,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queues", default=None,
-                   help="devices whose queues to consume: cpu, gpu or cpu,gpu "
-                        "(default: gpu with --gpus, else cpu,gpu)")
+                   help="queue families to consume: cpu, gpu, gpu2..gpu8, comma-separated "
+                        "(default: gpu with --gpus, gpuN with --gpus-per-worker N, else cpu,gpu)")
     p.add_argument("--gpus", default=None,
                    help="'all' or GPU ids (0,1 or GPU-uuids): one worker process per GPU with "
                         "CUDA_VISIBLE_DEVICES set to it")
+    p.add_argument("--gpus-per-worker", type=int, default=1, metavar="N",
+                   help="GPUs per worker process (default 1); N > 1 serves multi-GPU train jobs "
+                        "(spec devices: N, queues gpuN)")
     p.add_argument("--concurrency", type=int, default=1, help="jobs each worker process runs at once (default 1)")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                    help="Celery pool (default prefork; time limits need prefork)")
@@ -158,8 +161,13 @@ def plan_from_args(args: argparse.Namespace) -> list:
 
     try:
         gpus = parse_gpu_option(args.gpus) if args.gpus is not None else None
-        devices = parse_queues(args.queues or ("gpu" if gpus is not None else "cpu,gpu"))
-        return plan_workers(queues=celery_queue_names(devices), gpus=gpus, concurrency=args.concurrency,
+        k = args.gpus_per_worker
+        if k != 1 and gpus is None:
+            raise LaunchError("--gpus-per-worker needs --gpus (the GPUs to group)")
+        default = ("gpu" if k == 1 else f"gpu{k}") if gpus is not None else "cpu,gpu"
+        devices = parse_queues(args.queues or default)
+        return plan_workers(queues=celery_queue_names(devices), gpus=gpus, gpus_per_worker=k,
+                            concurrency=args.concurrency,
                             pool=args.pool, loglevel=args.loglevel, hostname=args.hostname)
     except LaunchError as exc:
         raise CliError(str(exc)) from None

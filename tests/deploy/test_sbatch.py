@@ -168,6 +168,21 @@ def test_one_worker_per_allocated_gpu(tmp_path: Path, slurm: dict[str, str | Non
     assert f"one worker per GPU on CUDA devices {','.join(expected_gpus)}" in r.stderr
 
 
+def test_multi_gpu_workers_group_the_allocation(tmp_path: Path) -> None:
+    env = sbatch_env(tmp_path, LOWRANK_WORKER_ARGS="--dry-run", SLURM_CPUS_PER_TASK="16", LOWRANK_QUEUE_PREFIX="lab.",
+                     SLURM_GPUS_ON_NODE="4", CUDA_VISIBLE_DEVICES="0,1,2,3", LOWRANK_GPUS_PER_WORKER="2")
+    r = run_sbatch(env)
+    assert r.returncode == 0, r.stderr
+    rows = planned(r.stdout)
+    assert [row["CUDA_VISIBLE_DEVICES"] for row in rows] == ["0,1", "2,3"]
+    assert {row["queues"] for row in rows} == {"lab.gpu2.high,lab.gpu2.normal,lab.gpu2.low"}
+    assert "one worker per 2 GPUs on CUDA devices 0,1,2,3 (queues gpu2)" in r.stderr
+    bad = run_sbatch(sbatch_env(tmp_path, SLURM_GPUS_ON_NODE="4", CUDA_VISIBLE_DEVICES="0,1,2,3",
+                                LOWRANK_GPUS_PER_WORKER="3"))
+    assert bad.returncode == 2
+    assert "LOWRANK_GPUS_PER_WORKER='3' must be 1..8 and divide the 4 allocated GPUs" in bad.stderr
+
+
 # ------------------------------------------------------------------------------------ shutdown
 
 FAKE_CELERY = '''\
