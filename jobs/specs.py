@@ -166,7 +166,7 @@ class TrainSpec(_Common):
     kind: Literal["train"] = "train"
     model: ModelName
     dataset: Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
-    data_root: str | None = Field(None, max_length=1000, pattern=TEXT_PATTERN, description="imagefolder only: a folder under LOWRANK_DATA_ROOTS")
+    data_root: str | None = Field(None, max_length=1000, pattern=TEXT_PATTERN, validate_default=True, description="imagefolder only: a folder under LOWRANK_DATA_ROOTS")
     small_input: bool = Field(False, description="3x3 stride-1 stem without max-pool (32 px images)")
     image_size: int | None = Field(None, ge=8, le=1024, description="None: the data set's default")
     rank: int | None = Field(None, ge=1, description="rank of every factored layer")

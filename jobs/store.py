@@ -673,7 +673,12 @@ def _describe_arrays(path: Path, fmt: str) -> dict[str, Any] | None:
                 else:
                     out[k] = check(k, f.get_tensor(k))
         return out
-    return None  # .pt: unpickling needs torch (weights_only=True); the worker validates it
+    # .pt: its pickle is replayed with only torch's weights_only globals, each inert (no torch here,
+    # no code of the file runs); the worker loads it with torch.load(weights_only=True) and checks shapes.
+    from jobs.ptcheck import check_torch_file
+
+    check_torch_file(path)
+    return None
 
 
 def create_upload(filename: str, fileobj: BinaryIO, *, owner: str | None = None) -> UploadRecord:
