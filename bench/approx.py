@@ -33,12 +33,12 @@ FULL = {
     "ref_iter_rank": 60, "ref_iter_dim": 40,
     "learn_shape": (64, 16, 4), "learn_eps": [0.1, 0.25], "learn_seeds": 20,
 }
-QUICK = {
-    "rank_m": 1024, "rank_d": 128, "ranks": [1, 2, 4, 8, 16, 32, 64],
-    "dims": [32, 64, 128, 256], "dim_rank": 4,
-    "time_n": 1024, "time_rank": 64, "time_reps": 1,
-    "ref_iter_rank": 30, "ref_iter_dim": 30,
-    "learn_shape": (32, 8, 2), "learn_eps": [0.25], "learn_seeds": 5,
+QUICK = {  # a smoke run: well under a minute on an idle 2-core machine
+    "rank_m": 512, "rank_d": 64, "ranks": [1, 4, 16],
+    "dims": [32, 64, 128], "dim_rank": 4,
+    "time_n": 512, "time_rank": 32, "time_reps": 1,
+    "ref_iter_rank": 10, "ref_iter_dim": 10,
+    "learn_shape": (32, 8, 2), "learn_eps": [0.5], "learn_seeds": 3,
 }
 METHODS = ("spectral", "rescale", "nkp", "reference")
 # MATH.md Section 5's numbers at m=4096, d=512 (spectral, rescale, nkp).

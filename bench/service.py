@@ -41,8 +41,8 @@ from typing import Any
 from bench import common
 
 REPO = Path(__file__).resolve().parent.parent
-FULL = {"bulk_points": 200_000, "batches": [200, 1000, 5000], "single_points": 3000, "rounds": 3,
-        "writers": 4, "writer_points": 50_000, "reads": 20, "jobs": 30, "warmup_jobs": 3, "idle_s": 0.5}
+FULL = {"bulk_points": 40_000, "batches": [200, 1000, 5000], "single_points": 1500, "rounds": 3,
+        "writers": 4, "writer_points": 20_000, "reads": 20, "jobs": 30, "warmup_jobs": 3, "idle_s": 0.5}
 QUICK = {"bulk_points": 6_000, "batches": [200, 1000], "single_points": 150, "rounds": 1,
          "writers": 2, "writer_points": 3_000, "reads": 5, "jobs": 10, "warmup_jobs": 1, "idle_s": 0.2}
 TINY_JOB = {"kind": "approx", "weights": {"source": "gaussian", "m": 32, "d": 32}, "rank": 2,
