@@ -59,9 +59,13 @@ def environment_header() -> str:
     except ImportError:
         pass
     versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "numpy", "fastapi", "celery", "sqlalchemy"))
+    try:  # a shared machine: how busy it was when the table was written (1, 5, 15 min averages)
+        load = "; load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = ""
     return (
         f"*Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} on {cpu} "
-        f"({os.cpu_count()} cores), device {device}; Python {platform.python_version()}, {versions}.*\n"
+        f"({os.cpu_count()} cores), device {device}; Python {platform.python_version()}, {versions}{load}.*\n"
     )
 
 
