@@ -1,0 +1,263 @@
+"""Load: concurrent clients submitting jobs to a real API; every job stored once and enqueued once.
+
+    python -m bench load            # 50 clients, 5,000 jobs (closed loop) + a paced run at 300 jobs/s
+    python -m bench --quick load    # 20 clients, 600 jobs
+
+Processes: Postgres (a scratch database, migrated to head), Redis (a unique queue prefix), and
+`lowrank api`'s uvicorn (`--workers`, as production runs it). No worker: the messages stay in
+Redis, where they are counted. The clients are a minimal asyncio HTTP/1.1 keep-alive client (one
+connection each), so the load generator takes as little of the 2 CPUs as possible.
+
+Two runs, each on fresh rows:
+  * closed loop: every client submits its next job as soon as the last one answered (max throughput;
+    by Little's law mean latency = clients / throughput);
+  * paced: the same clients submit at a fixed total rate (open loop; the goal's 300/s), the latency
+    a user sees at that load.
+Checks after each: POST answered 201 for every job, Postgres holds exactly N rows with the run's
+tag and distinct ids, the Redis queues hold exactly N messages, one per job id.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+REPO = Path(__file__).resolve().parent.parent
+FULL = {"clients": 50, "jobs": 5000, "paced_rate": 300.0, "paced_jobs": 3000, "api_workers": 2}
+QUICK = {"clients": 20, "jobs": 600, "paced_rate": 150.0, "paced_jobs": 300, "api_workers": 2}
+GOAL_RPS, GOAL_P99_MS = 300.0, 100.0
+
+
+def _conftest():  # noqa: ANN202 - the service tests' helpers (create_database, _clean_redis, ...)
+    name = "_lowrank_service_conftest"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "service" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@contextlib.contextmanager
+def api_stack(workdir: Path, workers: int) -> Iterator[dict[str, Any]]:
+    """Scratch database + unique queue prefix + uvicorn (`workers` processes); all removed at the end."""
+    cf = _conftest()
+    token = secrets.token_hex(4)
+    db_name = f"lowrank_load_{token}"
+    url = cf.create_database(db_name)
+    env = {**os.environ, "LOWRANK_HOME": str(workdir / "home"), "LOWRANK_DATABASE_URL": url,
+           "LOWRANK_BROKER_URL": cf.REDIS_URL, "LOWRANK_QUEUE_PREFIX": f"lrl{token}.",
+           "LOWRANK_ARTIFACT_ROOT": str(workdir / "home" / "artifacts"), "LOWRANK_AUTH": "off"}
+    subprocess.run([sys.executable, "-m", "lowrank", "db", "upgrade"], env=env, check=True, capture_output=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(workdir / "api.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "lowrank", "api", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", str(workers), "--log-level", "warning"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"API exited: {(workdir / 'api.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("API not ready after 90 s")
+            time.sleep(0.3)
+        yield {"port": port, "url": url, "prefix": env["LOWRANK_QUEUE_PREFIX"], "db": db_name, "cf": cf}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        cf.drop_database(db_name)
+        cf._clean_redis(env["LOWRANK_QUEUE_PREFIX"])
+
+
+# ------------------------------------------------------------------------------------------------
+# A minimal keep-alive HTTP/1.1 client (httpx costs several times more CPU per request).
+
+class Conn:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_json(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        assert self.reader is not None
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v)
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _spec(tag: str, i: int) -> bytes:
+    return json.dumps({"kind": "approx", "weights": {"source": "gaussian", "m": 32, "d": 32}, "rank": 2,
+                       "method": "spectral", "seed": i, "tags": ["load", tag]}).encode()
+
+
+async def _drive(port: int, clients: int, n: int, tag: str, rate: float | None) -> dict[str, Any]:
+    """n submissions from `clients` connections; closed loop, or paced at `rate`/s in total."""
+    latencies: list[float] = []
+    ids: list[str] = []
+    errors: list[str] = []
+    counter = iter(range(n))
+    t_start = time.perf_counter()
+
+    async def client() -> None:
+        conn = Conn(port)
+        try:
+            for i in counter:
+                if rate is not None:  # open loop: job i is due at t_start + i/rate
+                    delay = t_start + i / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                t0 = time.perf_counter()
+                status, body = await conn.post_json("/api/v1/jobs", _spec(tag, i))
+                latencies.append(time.perf_counter() - t0)
+                if status == 201:
+                    ids.append(json.loads(body)["id"])
+                else:
+                    errors.append(f"{status} {body[:200]!r}")
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - t_start
+    lat = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return 1000 * lat[min(len(lat) - 1, int(q * len(lat)))]
+
+    return {"n": n, "clients": clients, "rate_target": rate, "wall_s": wall, "rps": n / wall,
+            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": 1000 * lat[-1],
+            "ids": ids, "errors": errors}
+
+
+def _verify(stack: dict[str, Any], tag: str, ids: list[str]) -> dict[str, Any]:
+    """Rows in Postgres with this tag, and messages for them in Redis: each exactly once."""
+    import psycopg
+    import redis
+    from sqlalchemy.engine import make_url
+
+    url = make_url(stack["url"]).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url) as conn:
+        rows = [str(r[0]) for r in conn.execute(
+            "SELECT j.id FROM jobs j JOIN job_tags t ON t.job_id = j.id WHERE t.tag = %s", (tag,))]
+    r = redis.Redis.from_url(stack["cf"].REDIS_URL)
+    queued: list[str] = []
+    for key in r.scan_iter(match=f"{stack['prefix']}*", count=1000):
+        if r.type(key) != b"list":
+            continue
+        for raw in r.lrange(key, 0, -1):
+            msg = json.loads(raw)
+            args = json.loads(base64.b64decode(msg["body"]))[0]
+            queued.append(args[0])
+    mine = set(ids)
+    queued_mine = [q for q in queued if q in mine]
+    return {"rows": len(rows), "distinct_rows": len(set(rows)), "messages": len(queued_mine),
+            "distinct_messages": len(set(queued_mine)), "rows_match": set(rows) == mine,
+            "messages_match": set(queued_mine) == mine}
+
+
+def run(quick: bool) -> None:
+    cfg = QUICK if quick else FULL
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lowrank-load-") as tmp, api_stack(Path(tmp), cfg["api_workers"]) as stack:
+        # Warm-up (connections, imports, JIT-free but caches): not measured.
+        asyncio.run(_drive(stack["port"], 4, 100, f"warm-{secrets.token_hex(3)}", None))
+        results = {}
+        for label, n, rate in (("closed loop", cfg["jobs"], None), ("paced", cfg["paced_jobs"], cfg["paced_rate"])):
+            tag = f"load-{secrets.token_hex(4)}"
+            res = asyncio.run(_drive(stack["port"], cfg["clients"], n, tag, rate))
+            res["check"] = _verify(stack, tag, res["ids"])
+            results[label] = res
+            print(f"load {label}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
+                  f"errors {len(res['errors'])}, check {res['check']}", flush=True)
+    ok = all(len(r["errors"]) == 0 and r["check"]["rows"] == r["n"] == r["check"]["distinct_rows"]
+             and r["check"]["messages"] == r["n"] == r["check"]["distinct_messages"]
+             and r["check"]["rows_match"] and r["check"]["messages_match"] for r in results.values())
+    closed, paced = results["closed loop"], results["paced"]
+    def offered(r: dict[str, Any]) -> str:
+        return "max" if r["rate_target"] is None else f"{r['rate_target']:.0f}/s"
+
+    rows = "\n".join(
+        f"| {label} | {r['clients']} | {r['n']} | {offered(r)} "
+        f"| {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.0f} "
+        f"| {r['check']['rows']} / {r['check']['messages']} | {len(r['errors'])} |"
+        for label, r in results.items())
+    met_closed = closed["rps"] >= GOAL_RPS and closed["p99_ms"] < GOAL_P99_MS
+    met_paced = paced["rps"] >= 0.97 * (paced["rate_target"] or 0) and paced["p99_ms"] < GOAL_P99_MS
+    md = f"""# Load: concurrent job submissions (POST /api/v1/jobs)
+
+{common.environment_header()}
+
+Setup: `lowrank api --workers {cfg['api_workers']}` (uvicorn) on a scratch Postgres database and Redis
+(unique queue prefix), no Celery worker; {cfg['clients']} clients, each one keep-alive HTTP/1.1
+connection (a minimal asyncio client, so the load generator competes for the same 2 CPUs as little
+as possible). Each submission is a tiny approx spec with a distinct seed. Latency is measured by the
+client from sending the request to reading the whole response.
+
+| run | clients | jobs | offered rate | req/s | p50 ms | p90 ms | p99 ms | max ms | rows / messages | errors |
+|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+Exactly once: {"every run stored each job once (Postgres rows with the run's tag = jobs answered 201, ids distinct) and enqueued it once (Redis messages for those ids = jobs, one per id)" if ok else "**FAILED**: see the table (rows / messages must both equal jobs)"}.
+
+Goal (≥ {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick mode: smaller numbers" if quick else "full run"}):
+* closed loop, {cfg['clients']} clients flat out: {closed['rps']:.0f} req/s, p99 {closed['p99_ms']:.0f} ms: {"met" if met_closed else "NOT met"}.
+  With {cfg['clients']} clients always waiting on an answer, Little's law ties the two: mean latency =
+  clients / throughput = {1000 * cfg['clients'] / closed['rps']:.0f} ms here, so p99 < 100 ms with 50 such clients
+  would need well over 500 req/s.
+* paced at {paced['rate_target']:.0f} submissions/s (open loop, {cfg['clients']} clients): {paced['rps']:.0f} req/s achieved,
+  p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms: {"met" if met_paced else "NOT met"}.
+"""
+    data = {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "errors")} | {"errors": len(v["errors"])}
+            for k, v in results.items()}
+    data["exactly_once"] = ok
+    path = common.write_result("load", md, data)
+    print(f"wrote {path}")
+    if not ok:
+        raise RuntimeError("load: a job was not stored or not enqueued exactly once; see " + str(path))
