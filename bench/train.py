@@ -268,10 +268,9 @@ def reading(gains: dict[float, dict[str, float]], curves: dict[str, list[list[fl
             out.append(f"* Digits, `{other}` minus `spectral` validation accuracy, mean over {seeds} seeds: "
                        + "; ".join(parts) + ".")
     random_note = "" if "random" not in finals else (
-               " The `random` init's large per-layer error is a scale mismatch, not a bad subspace: "
-               "core/approx.py draws its factors so that U V has the Kaiming-normal variance 2/d, while "
-               "the reference weights are each layer's `reset_parameters()` draw (variance 1/(3d)); the "
-               "BatchNorm after each conv removes that scale at once.")
+               " The `random` init draws U, V so that U V has the entry variance of the layer's own "
+               "full-rank init (core/approx.py); its function error is that of an independent draw, "
+               "not of an approximation.")
     out.append("* Final accuracies: " + ", ".join(f"{k} {_mean_std(v)}" for k, v in finals.items()) + "."
                + random_note)
     return "\n".join(out)

@@ -18,10 +18,11 @@ Public API
   ``rescale``    spectral subspace, each row the optimally rescaled projection (Section 3).
   ``nkp``        Nonlinear Kernel Projection: minorize-maximize subspace ascent from the spectral
                  subspace (Section 4), then the optimal rows of Section 3.
-  ``random``     ``U``, ``V`` i.i.d. Gaussian with ``std = (2 / (d r))^{1/4}`` each, so every entry of
-                 ``U V`` has mean 0 and variance ``r * (2/(d r))^{1/2} * (2/(d r))^{1/2} = 2 / d``:
-                 the variance of the layer's full-rank Kaiming-normal init (fan_in = d, ReLU gain
-                 sqrt(2)), split evenly between the two factors.
+  ``random``     ``U``, ``V`` i.i.d. Gaussian with ``std = (s2 / r)^{1/4}`` each, where ``s2`` is the mean
+                 square entry of ``W`` (the full-rank init being replaced), so every entry of ``U V``
+                 has mean 0 and variance ``r * (s2/r)^{1/2} * (s2/r)^{1/2} = s2``: the variance of the
+                 layer's own full-rank init (Kaiming, ``reset_parameters``' uniform, ...), split
+                 evenly between the two factors.
   ``reference``  direct L-BFGS minimization (float64) of the closed form over ``U``, ``V``, started
                  from the better of ``nkp`` and ``spectral`` (a yardstick for tests/benchmarks).
 
@@ -551,11 +552,13 @@ def _nkp(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int) -> tuple[t
 
 def _random(W: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
     m, d = W.shape
-    std = (2.0 / (d * rank)) ** 0.25  # Var((UV)_ij) = r std^4 = 2/d: Kaiming-normal of the full layer
+    # Var((UV)_ij) = r std^4 = s2: the entry variance of the full-rank init W stands for.
+    s2 = float(W.to(torch.float64).pow(2).mean().item())  # > 0: an all-zero W is refused before this
+    std = (s2 / rank) ** 0.25
     gen = torch.Generator().manual_seed(int(seed))  # CPU generator: same factors on every device
     U = torch.randn(m, rank, generator=gen, dtype=torch.float64) * std
     V = torch.randn(rank, d, generator=gen, dtype=torch.float64) * std
-    return U.to(W.device), V.to(W.device), 0, {"std_U": std, "std_V": std, "entry_variance": 2.0 / d}
+    return U.to(W.device), V.to(W.device), 0, {"std_U": std, "std_V": std, "entry_variance": s2}
 
 
 def _reference(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, dict]:

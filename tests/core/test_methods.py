@@ -86,18 +86,23 @@ def test_full_rank_is_exact(method):
         torch.testing.assert_close(a.U @ a.V, W, rtol=1e-9, atol=1e-9)
 
 
-def test_random_full_rank_is_not_exact_and_has_kaiming_variance():
-    W = torch.randn(300, 200, generator=_gen(3), dtype=torch.float64)
+def test_random_full_rank_is_not_exact_and_has_the_variance_of_w():
+    W = torch.randn(300, 200, generator=_gen(3), dtype=torch.float64) * 0.3
     a = approximate(W, 200, "random", seed=5)
     assert a.error > 0.5
     prod = a.U @ a.V
-    assert prod.var().item() == pytest.approx(2 / 200, rel=0.05)  # Var((UV)_ij) = 2/d
+    assert prod.var().item() == pytest.approx(0.09, rel=0.05)  # Var((UV)_ij) = mean W_ij^2 = 0.3^2
+    assert a.info["entry_variance"] == pytest.approx(W.pow(2).mean().item())
+    # A uniform U(-1/sqrt(d), 1/sqrt(d)) init (nn.Linear's reset_parameters) has variance 1/(3d).
+    lin = torch.nn.Linear(400, 100)
+    u = approximate(lin.weight.detach(), 50, "random", seed=0)
+    assert (u.U @ u.V).var().item() == pytest.approx(1 / 1200, rel=0.1)
     b = approximate(W, 200, "random", seed=5)
     assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)
     c = approximate(W, 200, "random", seed=6)
     assert not torch.equal(a.U, c.U)
     r4 = approximate(W, 4, "random", seed=0)
-    assert (r4.U @ r4.V).var().item() == pytest.approx(2 / 200, rel=0.2)
+    assert (r4.U @ r4.V).var().item() == pytest.approx(0.09, rel=0.2)
 
 
 @pytest.mark.parametrize("seed", range(6))
