@@ -501,10 +501,21 @@ class ResultsTable:
 
 
 def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """A finite float from a JSON number (or its text form); None for anything else."""
+    if v is None or isinstance(v, bool):
         return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _key(v: Any) -> Any:
+    """A hashable group key for a grid value (1 and 1.0 and True kept apart)."""
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return (type(v).__name__, v)
+    return ("json", json.dumps(v, sort_keys=True))
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -530,10 +541,10 @@ def results(sweep_id: str | uuid.UUID, *, metric: str | None = None,
             raise InvalidInput(f"group_by {unknown} not in this sweep's grid keys {keys}", ("query", "group_by"))
         if len(set(group_by)) != len(group_by):
             raise InvalidInput(f"group_by lists a key twice: {group_by}", ("query", "group_by"))
-        value_col = m.Job.result[metric]
-        cols = [m.Job.id, m.Job.sweep_point_index, m.Job.status, value_col]
+        # As text (->>), parsed with float(): far cheaper than decoding a JSON value per row.
+        cols = [m.Job.id, m.Job.sweep_point_index, m.Job.status, m.Job.result[metric].as_string()]
         if sweep.kind == "train":
-            cols.append(m.Job.result["params_factored"])
+            cols.append(m.Job.result["params_factored"].as_string())
         rows = session.execute(select(*cols).where(m.Job.sweep_id == sweep.id)
                                .order_by(m.Job.sweep_point_index, m.Job.seed)).all()
         points = grid_points(sweep.grid)
@@ -541,7 +552,7 @@ def results(sweep_id: str | uuid.UUID, *, metric: str | None = None,
         groups: dict[tuple, dict[str, Any]] = {}
         point_group: list[tuple] = []
         for p in points:
-            gk = tuple(json.dumps(p[g], sort_keys=True) for g in group_by)
+            gk = tuple(_key(p[g]) for g in group_by)
             point_group.append(gk)
             if gk not in groups:
                 groups[gk] = {"point": {g: p[g] for g in group_by}, "values": [], "params": [], "job_ids": []}
