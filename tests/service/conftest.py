@@ -258,7 +258,11 @@ def start_worker(log_dir: Path, *, queues: tuple[str, ...] = ("cpu",), name: str
     priority first; returns once it logs "ready"."""
     from jobs.queue import PRIORITIES
 
-    prefix = {**os.environ, **(env or {})}.get("LOWRANK_QUEUE_PREFIX", "lowrank.")
+    # One torch/OpenMP thread per worker process unless asked otherwise: on a small shared machine
+    # spinning OpenMP threads under load made a tiny training job ~5x slower (what `lowrank worker`'s
+    # launcher does too: it splits the cores between its workers).
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    prefix = {**os.environ, **env}.get("LOWRANK_QUEUE_PREFIX", "lowrank.")
     qnames = [f"{prefix}{dev}.{prio}" for prio in PRIORITIES for dev in queues]  # = jobs.queue.queue_name
     node = name or f"test-{secrets.token_hex(3)}@{socket.gethostname()}"
     log_path = log_dir / f"worker-{node.split('@')[0]}.log"

@@ -1,0 +1,251 @@
+// Shared helpers of every dashboard page: API calls with the stored token, the token prompt,
+// polling, DOM building (text only: user data never goes through innerHTML), formatting, plots.
+"use strict";
+
+const LR = (() => {
+  const TOKEN_KEY = "lowrank.token";
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const params = new URLSearchParams(location.search);
+  // ?poll=<ms> overrides the refresh interval (tests use a short one); never below 200 ms.
+  const POLL_MS = Math.max(200, Number(params.get("poll")) || 2000);
+  const pageData = JSON.parse(document.body.dataset.pageData || "{}");
+
+  class ApiError extends Error {
+    constructor(status, message, body) { super(message); this.status = status; this.body = body; }
+  }
+
+  function getToken() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+
+  function authHeaders(extra) {
+    const h = Object.assign({}, extra || {});
+    const t = getToken();
+    if (t) h["Authorization"] = "Bearer " + t;
+    return h;
+  }
+
+  function detailText(body, status) {
+    if (!body) return "HTTP " + status;
+    const d = body.detail;
+    if (typeof d === "string") return d;
+    if (Array.isArray(d)) return d.map(e => (e.loc || []).join(".") + ": " + e.msg).join("; ");
+    return "HTTP " + status;
+  }
+
+  // fetch() with the token; 401 opens the token prompt. Returns parsed JSON, or the Response with {raw: true}.
+  async function api(path, opts) {
+    opts = opts || {};
+    const init = { method: opts.method || "GET", headers: authHeaders({ Accept: "application/json" }) };
+    if (opts.body !== undefined) {
+      init.body = JSON.stringify(opts.body);
+      init.headers["Content-Type"] = "application/json";
+    }
+    let r;
+    try {
+      r = await fetch(path, init);
+    } catch (e) {
+      throw new ApiError(0, "cannot reach the API: " + e.message, null);
+    }
+    if (r.status === 401) {
+      let body = null;
+      try { body = await r.json(); } catch (e) { /* not JSON */ }
+      showTokenPrompt(getToken() ? "The stored token was refused: " + detailText(body, 401)
+                                 : "This server requires an API token.");
+      throw new ApiError(401, "authentication required", body);
+    }
+    if (!r.ok) {
+      let body = null;
+      try { body = await r.json(); } catch (e) { /* not JSON */ }
+      throw new ApiError(r.status, detailText(body, r.status), body);
+    }
+    if (opts.raw) return r;
+    return r.json();
+  }
+
+  function showTokenPrompt(message) {
+    const panel = document.getElementById("auth-panel");
+    document.getElementById("auth-message").textContent = message;
+    panel.hidden = false;
+    setLive(false);
+    document.getElementById("auth-token").focus();
+  }
+
+  function setupTokenForm() {
+    const form = document.getElementById("auth-form");
+    form.addEventListener("submit", ev => {
+      ev.preventDefault();
+      const value = document.getElementById("auth-token").value.trim();
+      if (!value) return;
+      sessionStorage.setItem(TOKEN_KEY, value);
+      location.reload();
+    });
+    document.getElementById("auth-forget").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      document.getElementById("auth-token").value = "";
+    });
+    document.getElementById("token-button").addEventListener("click", () =>
+      showTokenPrompt(getToken() ? "A token is stored for this tab; paste another to replace it." :
+                                   "No token stored (fine when the server runs with LOWRANK_AUTH=off)."));
+  }
+
+  function showError(err) {
+    const banner = document.getElementById("error-banner");
+    if (!err) { banner.hidden = true; banner.textContent = ""; return; }
+    if (err.status === 401) return;  // the token prompt says it
+    banner.textContent = err.message || String(err);
+    banner.hidden = false;
+  }
+
+  // on: polling; "done": everything shown is final (finished job/sweep); false: stopped (error, token).
+  function setLive(on) {
+    const live = document.getElementById("live");
+    live.classList.toggle("paused", on !== true);
+    live.textContent = on === true ? "\u25CF live" : on === "done" ? "\u25CF final" : "\u25CB paused";
+    live.title = on === true ? "updates by polling the API every " + POLL_MS + " ms" :
+                 on === "done" ? "finished: nothing more to update" : "not updating (see the message above)";
+  }
+
+  // Run `fn` now and every POLL_MS until it returns false (done) or a 401 (waits for a token).
+  function poll(fn) {
+    let stopped = false;
+    async function tick() {
+      if (stopped) return;
+      let again = true;
+      let failed = false;
+      try {
+        again = (await fn()) !== false;
+        showError(null);
+      } catch (e) {
+        failed = true;
+        showError(e);
+        // 401 waits for a token; 404/422 will not change by asking again.
+        if (e.status === 401 || e.status === 404 || e.status === 422) again = false;
+        else console.error(e);
+      }
+      if (again) setTimeout(tick, POLL_MS); else { stopped = true; setLive(failed ? false : "done"); }
+    }
+    setLive(true);
+    tick();
+    return { stop() { stopped = true; } };
+  }
+
+  // el("td", {class: "num", title: "x"}, "text", childNode, ...): text children become text nodes.
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else node.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined || c === false) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  function fill(tbody, rows) { tbody.replaceChildren(...rows); }
+
+  function num(v, digits) {
+    if (v === null || v === undefined) return "\u2013";
+    if (typeof v !== "number") return String(v);
+    if (Number.isInteger(v)) return v.toLocaleString("en-US");
+    const a = Math.abs(v);
+    if (a !== 0 && (a < 1e-3 || a >= 1e6)) return v.toExponential(digits || 3);
+    return v.toPrecision(digits || 4);
+  }
+
+  function bytes(n) {
+    if (n < 1024) return n + " B";
+    const units = ["KiB", "MiB", "GiB", "TiB"];
+    let i = -1;
+    do { n /= 1024; i++; } while (n >= 1024 && i < units.length - 1);
+    return n.toFixed(1) + " " + units[i];
+  }
+
+  function when(iso) {
+    if (!iso) return "\u2013";
+    const d = new Date(iso);
+    return d.toLocaleString("sv-SE").replace("T", " ");  // YYYY-MM-DD HH:MM:SS, local time
+  }
+
+  function duration(job) {
+    if (!job.started_at) return "\u2013";
+    const end = job.finished_at ? new Date(job.finished_at) : new Date();
+    const s = (end - new Date(job.started_at)) / 1000;
+    if (s < 60) return s.toFixed(1) + " s";
+    if (s < 3600) return (s / 60).toFixed(1) + " min";
+    return (s / 3600).toFixed(2) + " h";
+  }
+
+  function statusBadge(status, attrs) {
+    return el("span", Object.assign({ class: "status " + status }, attrs || {}), status);
+  }
+
+  function progressBar(frac) {
+    const pct = Math.round(100 * Math.max(0, Math.min(1, frac || 0)));
+    return el("div", { class: "progress", title: pct + "%" }, el("div", { class: "bar", style: "width:" + pct + "%" }));
+  }
+
+  function setProgress(bar, frac) {
+    const pct = Math.round(100 * Math.max(0, Math.min(1, frac || 0)));
+    bar.style.width = pct + "%";
+    bar.parentElement.title = pct + "%";
+  }
+
+  function shortId(id) { return String(id).slice(0, 8); }
+
+  function pointText(point) {
+    if (!point) return "";
+    return Object.entries(point).map(([k, v]) => k + "=" + v).join(", ");
+  }
+
+  // One-line summary of a job's result for tables.
+  function resultSummary(job) {
+    const r = job.result;
+    if (job.status === "failed") return (job.error || "").split("\n")[0].slice(0, 120);
+    if (!r) return "";
+    if (job.kind === "train") {
+      const parts = [];
+      if (r.val_top1 !== undefined) parts.push("val top-1 " + num(r.val_top1, 3));
+      if (r.params_factored !== undefined) parts.push(num(r.params_factored) + " params");
+      return parts.join(", ");
+    }
+    return "error " + num(r.error, 4) + (r.method ? " (" + r.method + ", r=" + r.rank + ")" : "");
+  }
+
+  // Fetch a file with the token and hand it to the browser as a download.
+  async function download(path, filename) {
+    const r = await api(path, { raw: true });
+    const blob = await r.blob();
+    const url = URL.createObjectURL(blob);
+    const a = el("a", { href: url, download: filename, hidden: true });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  }
+
+  const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                   "#7f7f7f", "#bcbd22"];
+
+  function rgba(hex, alpha) {
+    const n = parseInt(hex.slice(1), 16);
+    return "rgba(" + (n >> 16) + "," + ((n >> 8) & 255) + "," + (n & 255) + "," + alpha + ")";
+  }
+
+  const PLOT_CONFIG = { responsive: true, displaylogo: false };
+
+  function plot(div, traces, layout) {
+    const base = { margin: { l: 60, r: 20, t: 40, b: 50 }, hovermode: "closest",
+                   legend: { orientation: "h", y: -0.2 }, font: { size: 12 } };
+    return Plotly.react(div, traces, Object.assign(base, layout), PLOT_CONFIG);
+  }
+
+  document.addEventListener("DOMContentLoaded", setupTokenForm);
+
+  return { api, ApiError, poll, el, fill, num, bytes, when, duration, statusBadge, progressBar, setProgress,
+           shortId, pointText, resultSummary, download, plot, rgba, PALETTE, PLOT_CONFIG, TERMINAL, POLL_MS,
+           pageData, params, showError, getToken };
+})();

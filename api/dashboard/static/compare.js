@@ -1,0 +1,96 @@
+// `/compare?jobs=a,b,...`: one plot per metric series, one trace per job; a table and a bar chart of results.
+"use strict";
+(() => {
+  const { api, el, fill, num, statusBadge, shortId, pointText } = LR;
+  const ids = LR.pageData.job_ids || [];
+  const MAX_POINTS = 300;
+  const ORDER = ["train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s"];
+  const SKIP = new Set(["epoch"]);
+  const ROWS = ["kind", "status", "sweep point", "seed", "error", "val_top1", "best_val_top1", "val_loss",
+                "params_factored", "params_dense", "rank", "method", "init", "time_s", "wall_time_s"];
+  let barKey = null;
+
+  function label(job) { return job.name ? job.name + " (" + shortId(job.id) + ")" : shortId(job.id); }
+
+  function cell(job, row) {
+    const r = job.result || {};
+    const s = job.spec || {};
+    switch (row) {
+      case "kind": return job.kind;
+      case "status": return statusBadge(job.status);
+      case "sweep point": return pointText(job.sweep_point);
+      case "seed": return job.seed;
+      case "rank": return r.rank ?? s.rank ?? s.rank_ratio;
+      case "method": return r.method ?? s.method;
+      case "init": return s.init;
+      default: return r[row];
+    }
+  }
+
+  function renderTable(jobs) {
+    const head = el("tr", null, el("th", null, "job"), jobs.map(j => el("th", null, el("a", { href: "/jobs/" + j.id }, label(j)))));
+    fill(document.querySelector("#compare-table thead"), [head]);
+    const rows = ROWS.filter(row => jobs.some(j => { const v = cell(j, row); return v !== undefined && v !== null && v !== ""; }))
+      .map(row => el("tr", null, el("th", null, row), jobs.map(j => {
+        const v = cell(j, row);
+        return el("td", { class: typeof v === "number" ? "num" : "" }, v instanceof Node ? v : (typeof v === "number" ? num(v, 5) : (v ?? "\u2013")));
+      })));
+    fill(document.querySelector("#compare-table tbody"), rows);
+  }
+
+  async function renderCurves(jobs) {
+    const metrics = await Promise.all(jobs.map(j => api("/api/v1/jobs/" + j.id + "/metrics?max_points=" + MAX_POINTS)));
+    const names = new Set();
+    metrics.forEach(m => m.series.forEach(s => { if (!SKIP.has(s.name)) names.add(s.name); }));
+    const ordered = [...names].sort((a, b) => {
+      const ia = ORDER.indexOf(a), ib = ORDER.indexOf(b);
+      return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
+    });
+    document.getElementById("compare-empty").hidden = ordered.length > 0;
+    const container = document.getElementById("compare-plots");
+    // One div per metric, kept across refreshes (Plotly.react updates in place).
+    const wanted = new Set(ordered.map(n => "cmp-" + n));
+    for (const div of [...container.children]) if (!wanted.has(div.id)) div.remove();
+    for (const name of ordered) {
+      let div = document.getElementById("cmp-" + name);
+      if (!div) { div = el("div", { id: "cmp-" + name, class: "plot", dataset: { metric: name } }); container.append(div); }
+      const traces = [];
+      jobs.forEach((job, i) => {
+        const s = metrics[i].series.find(x => x.name === name);
+        if (!s) return;
+        traces.push({ x: s.steps, y: s.values, name: label(job), type: "scatter",
+                      mode: s.steps.length < 30 ? "lines+markers" : "lines", line: { color: LR.PALETTE[i % LR.PALETTE.length] } });
+      });
+      await LR.plot(div, traces, { title: { text: name }, xaxis: { title: { text: "step" } } });
+    }
+  }
+
+  function renderBars(jobs) {
+    const keys = ["error", "val_top1", "best_val_top1", "val_loss", "mc_error", "nkp_error", "params_factored", "time_s", "wall_time_s"]
+      .filter(k => jobs.some(j => j.result && typeof j.result[k] === "number"));
+    document.getElementById("compare-bars-section").hidden = keys.length === 0;
+    if (!keys.length) return;
+    const select = document.getElementById("compare-bar-key");
+    if (select.options.length !== keys.length) {
+      fill(select, keys.map(k => el("option", { value: k }, k)));
+      if (barKey && keys.includes(barKey)) select.value = barKey;
+    }
+    barKey = select.value || keys[0];
+    const trace = { type: "bar", x: jobs.map(label), y: jobs.map(j => (j.result || {})[barKey] ?? null),
+                    marker: { color: jobs.map((_, i) => LR.PALETTE[i % LR.PALETTE.length]) }, name: barKey };
+    return LR.plot(document.getElementById("compare-bars"), [trace], { title: { text: barKey }, showlegend: false });
+  }
+
+  let lastJobs = [];
+  document.getElementById("compare-bar-key").addEventListener("change", () => renderBars(lastJobs));
+  document.getElementById("compare-count").textContent = "(" + ids.length + " jobs)";
+
+  LR.poll(async () => {
+    const jobs = await Promise.all(ids.map(id => api("/api/v1/jobs/" + id)));
+    lastJobs = jobs;
+    renderTable(jobs);
+    await renderCurves(jobs);
+    await renderBars(jobs);
+    return jobs.some(j => !LR.TERMINAL.has(j.status));
+  });
+})();
