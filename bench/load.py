@@ -209,6 +209,7 @@ def run(quick: bool) -> None:
         # Warm-up (connections, imports, JIT-free but caches): not measured.
         asyncio.run(_drive(stack["port"], 4, 100, f"warm-{secrets.token_hex(3)}", None))
         results = {}
+        load_before = os.getloadavg()
         for label, n, rate in (("closed loop", cfg["jobs"], None), ("paced", cfg["paced_jobs"], cfg["paced_rate"])):
             tag = f"load-{secrets.token_hex(4)}"
             res = asyncio.run(_drive(stack["port"], cfg["clients"], n, tag, rate))
@@ -216,6 +217,7 @@ def run(quick: bool) -> None:
             results[label] = res
             print(f"load {label}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
                   f"errors {len(res['errors'])}, check {res['check']}", flush=True)
+    load_after = os.getloadavg()
     ok = all(len(r["errors"]) == 0 and r["check"]["rows"] == r["n"] == r["check"]["distinct_rows"]
              and r["check"]["messages"] == r["n"] == r["check"]["distinct_messages"]
              and r["check"]["rows_match"] and r["check"]["messages_match"] for r in results.values())
@@ -244,6 +246,9 @@ client from sending the request to reading the whole response.
 |---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
+Machine load (1-min load average, 2 CPUs) at start {load_before[0]:.1f}, at end {load_after[0]:.1f}:
+{"the machine was shared with other work during this run, so these numbers understate what the API does on an idle 2-core machine." if max(load_before[0], load_after[0]) > 2.5 else "the machine was otherwise idle."}
+
 Exactly once: {"every run stored each job once (Postgres rows with the run's tag = jobs answered 201, ids distinct) and enqueued it once (Redis messages for those ids = jobs, one per id)" if ok else "**FAILED**: see the table (rows / messages must both equal jobs)"}.
 
 Goal (≥ {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick mode: smaller numbers" if quick else "full run"}):
@@ -257,6 +262,7 @@ Goal (≥ {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick 
     data = {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "errors")} | {"errors": len(v["errors"])}
             for k, v in results.items()}
     data["exactly_once"] = ok
+    data["loadavg"] = {"start": load_before[0], "end": load_after[0]}
     path = common.write_result("load", md, data)
     print(f"wrote {path}")
     if not ok:
