@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
@@ -32,21 +33,46 @@ TASKS = tasks.register(app)
 
 
 class Reaper(threading.Thread):
-    """Daemon thread: reap stale jobs every `interval_s` until stopped."""
+    """Daemon thread: reap stale jobs every `interval_s` until stopped.
 
-    def __init__(self, interval_s: float) -> None:
+    After a round that could not reach the database, heartbeats could not be written either: every
+    running job would look stale the moment the database is back, and live workers would lose their
+    jobs. So the heartbeat rule waits `stale_after_s` after the database comes back (workers beat
+    again meanwhile); lost messages are still re-sent at once.
+    """
+
+    def __init__(self, interval_s: float, stale_after_s: float | None = None) -> None:
         super().__init__(name="lowrank-reaper", daemon=True)
         self.interval_s = interval_s
+        self.stale_after_s = get_settings().stale_after_s if stale_after_s is None else stale_after_s
         self.stopped = threading.Event()
         self.runs = 0
+        self.db_back_at: float | None = None  # monotonic time the database answered again after an outage
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
-            try:
-                tasks.reap_stale_jobs(app)
-            except Exception:  # noqa: BLE001 - database or broker down: try again next round
-                log.warning("reaper: round failed; retrying in %g s", self.interval_s, exc_info=True)
+            self.round()
             self.runs += 1
+
+    def round(self) -> None:
+        from jobs import store
+
+        try:
+            store.ping_database()
+        except Exception:  # noqa: BLE001 - database down: nothing to do until it is back
+            if self.db_back_at != float("inf"):
+                log.warning("reaper: database unreachable; stale-heartbeat checks paused", exc_info=True)
+            self.db_back_at = float("inf")
+            return
+        now = time.monotonic()
+        if self.db_back_at == float("inf"):
+            self.db_back_at = now
+            log.info("reaper: database back; stale-heartbeat checks resume in %g s", self.stale_after_s)
+        requeue = self.db_back_at is None or now - self.db_back_at >= self.stale_after_s
+        try:
+            tasks.reap_stale_jobs(app, requeue_stale=requeue)
+        except Exception:  # noqa: BLE001 - database or broker down: try again next round
+            log.warning("reaper: round failed; retrying in %g s", self.interval_s, exc_info=True)
 
 
 _reaper: Reaper | None = None

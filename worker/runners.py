@@ -49,6 +49,7 @@ class JobContext(Protocol):
     def check_cancel(self) -> None: ...           # raises JobCancelled when should_stop()
     def set_progress(self, frac: float) -> None: ...
     def add_metrics(self, rows: list[tuple[str, int, float]]) -> None: ...   # batched by the context
+    def flush_metrics(self) -> None: ...   # store every buffered row now (waits out a database outage)
     def add_artifact(self, name: str, path: Path) -> None: ...             # size + sha256 recorded
 
 
@@ -188,6 +189,11 @@ class _TrainHooks:
                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
         rows.append(("epoch", int(step), float(epoch)))
         self.ctx.add_metrics(rows)
+        if "val_loss" in metrics:
+            # The epoch's end: core.train writes its checkpoint right after this returns, and a resume
+            # starts after that epoch, so its rows (and all before) must be stored first - a worker
+            # killed later would otherwise leave a gap no resumed run fills.
+            self.ctx.flush_metrics()
 
     def on_progress(self, frac: float) -> None:
         self.ctx.set_progress(frac)

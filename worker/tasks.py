@@ -29,7 +29,7 @@ from celery.worker.request import Request
 
 from jobs import store, sweeps
 from jobs.errors import NotFound
-from jobs.queue import TASK_REAP, TASK_RUN_JOB, enqueue_job
+from jobs.queue import TASK_REAP, TASK_RUN_JOB, enqueue_job, queue_name
 from jobs.settings import get_settings
 from jobs.specs import parse_spec
 
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 TRACEBACK_TAIL_CHARS = 4000
 METRICS_BATCH_ROWS = 200      # flush the metric buffer at this many rows...
 METRICS_BATCH_SECONDS = 2.0   # ...or when its oldest row is this old (and at the end)
+# How long a job waits for the database to store its metrics (epoch ends, the end) or its outcome
+# before it gives up: a Postgres restart or failover takes seconds to a minute or two.
+METRICS_DURABLE_TIMEOUT_S = 120.0
+DB_RETRY_TIMEOUT_S = 120.0
 
 
 def worker_name(hostname: str | None, pid: int | None = None) -> str:
@@ -140,6 +144,24 @@ class RunContext:
     def add_metrics(self, rows: list[tuple[str, int, float]]) -> None:
         self.metrics.add(rows)
 
+    def flush_metrics(self, timeout_s: float = METRICS_DURABLE_TIMEOUT_S) -> None:
+        """Store every buffered row now, retrying (every second) while the database is down.
+
+        Called before a train job's checkpoint is written (a resume starts after it, so rows not
+        stored by then would never be written again) and before the outcome is recorded. Raises
+        RuntimeError after `timeout_s` without a successful write.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.metrics.flush(raise_errors=True)
+                return
+            except Exception as exc:  # noqa: BLE001 - a database outage: wait for it, bounded
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"could not store the job's metrics for {timeout_s:g} s "
+                                       f"(database unavailable): {type(exc).__name__}: {exc}") from exc
+                time.sleep(1.0)
+
     def add_artifact(self, name: str, path: Path) -> None:
         path = Path(path)
         store.add_artifact(self.job_id, name, str(path), path.stat().st_size, sha256_file(path))
@@ -173,20 +195,25 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def with_db_retries(fn, what: str, *, attempts: int = 6, first_delay_s: float = 0.5, max_delay_s: float = 10.0):
-    """fn() with retries on database connection errors (a Postgres restart, a locked SQLite file):
-    about 30 s in all before the error propagates. Domain errors are not retried."""
+def with_db_retries(fn, what: str, *, timeout_s: float = DB_RETRY_TIMEOUT_S, first_delay_s: float = 0.5,
+                    max_delay_s: float = 5.0):
+    """fn() with retries on database connection errors (a Postgres restart or failover, a locked SQLite
+    file) for up to `timeout_s` (then the error propagates); waits double from `first_delay_s` to
+    `max_delay_s`, so a database that is back is used within seconds. Domain errors are not retried."""
     from sqlalchemy.exc import DBAPIError
 
+    deadline = time.monotonic() + timeout_s
     delay = first_delay_s
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
         except DBAPIError as exc:
-            if attempt == attempts or not (exc.connection_invalidated or _transient(exc)):
+            if time.monotonic() + delay > deadline or not (exc.connection_invalidated or _transient(exc)):
                 raise
-            log.warning("%s: database error (attempt %d/%d), retrying in %.1f s: %s", what, attempt, attempts,
-                        delay, str(exc).splitlines()[0])
+            log.warning("%s: database error (attempt %d), retrying in %.1f s: %s", what, attempt, delay,
+                        str(exc).splitlines()[0])
             time.sleep(delay)
             delay = min(max_delay_s, delay * 2)
 
@@ -241,7 +268,7 @@ def run_job(task: Task, job_id: str) -> str:
             error = error_text(exc)
         try:
             # Metrics first: a job is only reported finished once its series is complete.
-            ctx.metrics.flush(attempts=5)
+            ctx.flush_metrics()
         except Exception as exc:  # noqa: BLE001
             if status == "succeeded":
                 status, error = "failed", "could not write the job's metrics: " + error_text(exc)
@@ -313,25 +340,86 @@ def lost_after_s(settings) -> float:
     return max(3600.0, 10 * settings.stale_after_s)
 
 
-def reap_stale_jobs(app: Celery) -> list[str]:
+def reap_stale_jobs(app: Celery, *, requeue_stale: bool = True) -> list[str]:
     """Re-queue running jobs whose heartbeat is older than settings.stale_after_s; re-enqueue them.
 
-    Jobs over settings.max_attempts are failed by the store instead; queued jobs whose message
-    looks lost (see lost_after_s) are sent again. Returns the ids sent.
+    Jobs over settings.max_attempts are failed by the store instead. Queued jobs whose message looks
+    lost are sent again: at once when the broker holds fewer messages on a job's queue than there are
+    jobs waiting on it for longer than settings.stale_after_s (a broker restarted without its data, a
+    send that failed), else after lost_after_s. `requeue_stale=False` skips the heartbeat rule (the
+    Reaper passes it right after a database outage, when every heartbeat looks stale). Returns the
+    ids sent.
     """
     settings = get_settings()
-    requeued = store.requeue_stale_jobs(settings.stale_after_s, settings.max_attempts)
-    for job_id, device, priority in requeued:
-        enqueue_job(app, str(job_id), device, priority)
-        log.warning("job %s: heartbeat older than %g s; re-queued on %s/%s",
-                    job_id, settings.stale_after_s, device, priority)
-    lost = store.find_lost_queued_jobs(lost_after_s(settings))
-    for job_id, device, priority in lost:
-        enqueue_job(app, str(job_id), device, priority)
-        log.warning("job %s: queued without a recent message; sent again", job_id)
-    if lost:
-        store.mark_enqueued([j for j, _, _ in lost])
-    return [str(j) for j, _, _ in requeued + lost]
+    sent: list[str] = []
+    if requeue_stale:
+        requeued = store.requeue_stale_jobs(settings.stale_after_s, settings.max_attempts)
+        for job_id, device, priority in requeued:
+            log.warning("job %s: heartbeat older than %g s; re-queued on %s/%s",
+                        job_id, settings.stale_after_s, device, priority)
+        sent += _send(app, requeued)
+    lost = find_lost_messages(app, settings)
+    for job_id, _, _ in lost:
+        log.warning("job %s: queued, but its message looks lost; sent again", job_id)
+    resent = _send(app, lost)
+    if resent:
+        store.mark_enqueued(resent)
+    return sent + resent
+
+
+def _send(app: Celery, jobs: list[tuple[str, str, str]]) -> list[str]:
+    """Enqueue each job; those the broker refused are marked not enqueued (re-sent next round)."""
+    sent, failed = [], []
+    for job_id, device, priority in jobs:
+        try:
+            enqueue_job(app, str(job_id), device, priority)  # type: ignore[arg-type]
+            sent.append(str(job_id))
+        except Exception:  # noqa: BLE001 - broker down: the next round sends it
+            failed.append(str(job_id))
+    if failed:
+        log.warning("broker unavailable: %d job(s) not sent; they are re-sent next round", len(failed))
+        store.mark_not_enqueued(failed)
+    return sent
+
+
+def broker_queue_size(app: Celery, queue: str) -> int:
+    """Messages waiting on `queue` in the broker (not counting those a worker holds unacked)."""
+    from kombu.exceptions import ChannelError
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2, timeout=3)
+        try:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except ChannelError:  # no such queue: the broker holds no message for it
+            return 0
+
+
+def find_lost_messages(app: Celery, settings) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """Queued jobs to send again: the store's (send failed, or older than lost_after_s), plus every job
+    waiting longer than stale_after_s on a queue that holds fewer messages than such jobs.
+
+    Counting is cheap and catches a broker that lost its data (Redis restarted without persistence,
+    flushed, failed over) within one round instead of lost_after_s. Re-sending a job whose message
+    still exists only adds a duplicate, which claim_job turns into a no-op.
+    """
+    lost = {j[0]: j for j in store.find_lost_queued_jobs(lost_after_s(settings))}
+    waiting = store.find_lost_queued_jobs(settings.stale_after_s)
+    by_queue: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for job in waiting:
+        if job[0] not in lost:
+            by_queue.setdefault((job[1], job[2]), []).append(job)
+    for (device, priority), jobs in by_queue.items():
+        name = queue_name(device, priority, settings)  # type: ignore[arg-type]
+        try:
+            size = broker_queue_size(app, name)
+        except Exception:  # noqa: BLE001 - broker down: nothing can be sent now anyway
+            log.warning("reaper: cannot count the messages on %s", name, exc_info=True)
+            continue
+        if size < len(jobs):
+            log.warning("reaper: %s holds %d message(s) for %d job(s) queued longer than %g s; "
+                        "sending theirs again", name, size, len(jobs), settings.stale_after_s)
+            lost.update((j[0], j) for j in jobs)
+    return list(lost.values())
 
 
 def register(app: Celery) -> dict[str, Any]:
