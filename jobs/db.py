@@ -65,6 +65,8 @@ def make_engine(url: str) -> Engine:
     return create_engine(
         url,
         pool_pre_ping=True,
+        # Autocommit connections (the one-statement job insert) need no ROLLBACK round trip on return.
+        skip_autocommit_rollback=True,
         pool_size=10,
         max_overflow=20,
         pool_timeout=10,
