@@ -62,13 +62,16 @@ def browser() -> Iterator:
         b.close()
 
 
-class Page:
-    """A Playwright page on one API server, collecting JavaScript errors (checked at teardown)."""
+def new_context(browser, base_url: str):  # noqa: ANN001, ANN201
+    return browser.new_context(base_url=base_url, accept_downloads=True, viewport={"width": 1280, "height": 1000})
 
-    def __init__(self, browser, base_url: str) -> None:  # noqa: ANN001
-        self.context = browser.new_context(base_url=base_url, accept_downloads=True,
-                                           viewport={"width": 1280, "height": 1000})
-        self.page = self.context.new_page()
+
+class Page:
+    """A Playwright page (a browser tab) collecting JavaScript errors (checked at teardown)."""
+
+    def __init__(self, context) -> None:  # noqa: ANN001
+        self.context = context
+        self.page = context.new_page()
         self.page.set_default_timeout(30_000)
         self.errors: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
@@ -87,11 +90,19 @@ class Page:
         return self.traces(div)
 
 
+@pytest.fixture(scope="module")
+def context(browser, api_server) -> Iterator:  # noqa: ANN001
+    """One browser context for the module (its HTTP cache keeps Plotly.js after the first page)."""
+    ctx = new_context(browser, api_server.url)
+    yield ctx
+    ctx.close()
+
+
 @pytest.fixture
-def web(browser, api_server) -> Iterator[Page]:  # noqa: ANN001
-    p = Page(browser, api_server.url)
+def web(context) -> Iterator[Page]:  # noqa: ANN001
+    p = Page(context)
     yield p
-    p.context.close()
+    p.page.close()
     assert p.errors == [], p.errors
 
 
@@ -194,6 +205,36 @@ def test_index_lists_jobs_live_and_selects_for_compare(web, client, worker_proce
     errors = [wait_job(client, j["id"])["result"]["error"] for j in (first, second)]
     assert sorted(bars["y"]) == pytest.approx(sorted(errors))
     assert page.is_visible("#compare-empty")  # approx jobs record no curves
+
+
+@pytest.mark.timeout(60)
+def test_long_series_are_downsampled_on_the_server(web, client, worker_process, wait_job, unique_tag):
+    """2,000 points of a series (written through the worker's store call) reach the page as at most
+    300 (the page's max_points): first and last step kept, the note says so; an approx job's result
+    and its factors artifact are shown."""
+    import math
+
+    from jobs import store
+
+    t0 = time.monotonic()
+    job = wait_job(client, client.post("/api/v1/jobs", json={**APPROX, "tags": [unique_tag]}).json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    t1 = time.monotonic()
+    store.record_metrics(job["id"], [("train_loss", step, 2.0 + math.sin(step / 50)) for step in range(1, 2001)])
+    t2 = time.monotonic()
+    page = web.page
+    page.goto(f"/jobs/{job['id']}?{POLL}")
+    (trace,) = web.wait_traces("plot-loss", 1)
+    print(f"\njob {t1 - t0:.1f} s, 2000 metric rows {t2 - t1:.1f} s, page {time.monotonic() - t2:.1f} s")
+    assert trace["name"] == "train_loss" and trace["n"] <= 300 and trace["x"][0] == 1 and trace["x"][-1] == 2000
+    assert max(trace["y"]) == pytest.approx(3.0, abs=1e-3) and min(trace["y"]) == pytest.approx(1.0, abs=1e-3)
+    assert f"{trace['n']} of 2000 points" in page.inner_text("#curves-note")
+    assert page.is_hidden("#plot-accuracy") and page.is_hidden("#plot-lr")
+    assert page.inner_text("#job-status") == "succeeded"
+    assert "factors.safetensors" in page.inner_text("#artifacts-table")
+    assert page.is_hidden("#init-section")  # approx jobs have no per-layer report
+    result = page.inner_text("#result-table")
+    assert "method\tspectral" in result and "error" in result
 
 
 @pytest.mark.timeout(180)
@@ -395,7 +436,7 @@ def test_pages_ask_for_a_token_when_auth_is_required(browser, spawn_api, databas
     api = spawn_api(env={"LOWRANK_AUTH": "required"})
     assert httpx.get(f"{api.url}/api/v1/jobs").status_code == 401
     assert httpx.get(f"{api.url}/").status_code == 200  # page shells are open; data is not
-    web = Page(browser, api.url)
+    web = Page(new_context(browser, api.url))
     try:
         page = web.page
         page.goto(f"/?{POLL}")
