@@ -292,6 +292,10 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
     rows = page.query_selector_all("#init-table tbody tr")
     report = client.get(f"/api/v1/jobs/{job_id}/artifacts/init_report.json").json()
     assert len(rows) == len(report["layers"])
+    n_factored = sum(row["status"] == "factored" for row in report["layers"])
+    assert len([r for r in rows if r.is_visible()]) == n_factored == 2  # unchanged layers behind a toggle
+    page.check("#init-all")
+    assert len([r for r in rows if r.is_visible()]) == len(report["layers"])
     for row in report["layers"]:
         if row["status"] != "factored":
             continue
@@ -309,6 +313,8 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
     downloaded = Path(dl.value.path()).read_bytes()
     assert downloaded == client.get(f"/api/v1/jobs/{job_id}/artifacts/init_report.json").content
     assert page.inner_text("#job-status") == "succeeded" and job["status"] == "succeeded"
+    if os.environ.get("LOWRANK_TEST_SHOTS"):  # look at the pages: LOWRANK_TEST_SHOTS=<folder>
+        page.screenshot(path=str(Path(os.environ["LOWRANK_TEST_SHOTS"]) / "job.png"), full_page=True)
 
 
 def _seconds(iso: str) -> float:
@@ -423,6 +429,8 @@ def test_train_sweep_accuracy_versus_parameters_and_compare(web, client, train_s
         series = client.get(f"/api/v1/jobs/{ids[0]}/metrics", params={"name": name}).json()["series"][0]
         assert traces[0]["x"] == series["steps"] and traces[0]["y"] == pytest.approx(series["values"])
     assert page.query_selector("#cmp-epoch") is None
+    if os.environ.get("LOWRANK_TEST_SHOTS"):
+        page.screenshot(path=str(Path(os.environ["LOWRANK_TEST_SHOTS"]) / "compare.png"), full_page=True)
     assert "val_top1" in page.inner_text("#compare-table")
 
 

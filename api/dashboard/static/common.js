@@ -238,8 +238,8 @@ const LR = (() => {
   const PLOT_CONFIG = { responsive: true, displaylogo: false };
 
   function plot(div, traces, layout) {
-    const base = { margin: { l: 60, r: 20, t: 40, b: 50 }, hovermode: "closest",
-                   legend: { orientation: "h", y: -0.2 }, font: { size: 12 } };
+    // Legend at the right (default): below the plot it would cover the x-axis title of small plots.
+    const base = { margin: { l: 60, r: 20, t: 40, b: 50 }, hovermode: "closest", font: { size: 12 } };
     return Plotly.react(div, traces, Object.assign(base, layout), PLOT_CONFIG);
   }
 

@@ -51,9 +51,13 @@
     // One div per metric, kept across refreshes (Plotly.react updates in place).
     const wanted = new Set(ordered.map(n => "cmp-" + n));
     for (const div of [...container.children]) if (!wanted.has(div.id)) div.remove();
+    // Every div in place before the first plot: a div plotted while alone in the grid would keep
+    // the full row's width after its siblings arrive.
+    for (const name of ordered)
+      if (!document.getElementById("cmp-" + name))
+        container.append(el("div", { id: "cmp-" + name, class: "plot", dataset: { metric: name } }));
     for (const name of ordered) {
-      let div = document.getElementById("cmp-" + name);
-      if (!div) { div = el("div", { id: "cmp-" + name, class: "plot", dataset: { metric: name } }); container.append(div); }
+      const div = document.getElementById("cmp-" + name);
       const traces = [];
       jobs.forEach((job, i) => {
         const s = metrics[i].series.find(x => x.name === name);

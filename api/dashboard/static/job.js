@@ -21,7 +21,7 @@
 
   function renderJob(job) {
     document.title = (job.name || "job " + job.id.slice(0, 8)) + " \u2013 " + job.status;
-    document.getElementById("job-title").textContent = (job.name ? job.name + " " : "") + "(" + job.kind + ")";
+    document.getElementById("job-title").textContent = (job.name || "job " + job.id.slice(0, 8)) + " (" + job.kind + ")";
     const badge = document.getElementById("job-status");
     badge.textContent = job.status;
     badge.className = "status " + job.status;
@@ -128,10 +128,17 @@
     const method = (job.spec && job.spec.init) || "chosen";
     document.getElementById("init-note").textContent = "(" + method + " init versus spectral init at the same rank; " +
       "normalized function error L(UV)/L(0))";
+    // Factored layers first; the layers left unchanged are listed behind the "all layers" toggle.
+    const order = { factored: 0, full_rank: 1, skipped: 2 };
+    rows.sort((a, b) => (order[a.status] ?? 3) - (order[b.status] ?? 3));
+    const unchanged = rows.filter(r => r.status !== "factored").length;
+    const toggle = document.getElementById("init-all");
+    toggle.parentElement.hidden = unchanged === 0;
+    document.getElementById("init-all-count").textContent = unchanged;
     fill(document.querySelector("#init-table tbody"), rows.map(r => {
       const ratio = (r.error !== null && r.spectral_error) ? r.error / r.spectral_error : null;
       const cls = r.status !== "factored" || ratio === null ? "" : (ratio < 1 - 1e-9 ? "better" : (ratio > 1 + 1e-9 ? "worse" : ""));
-      return el("tr", { class: cls, dataset: { layer: r.layer } },
+      return el("tr", { class: cls + (r.status === "factored" ? "" : " unchanged"), dataset: { layer: r.layer } },
         el("td", { class: "mono" }, r.layer),
         el("td", null, r.kind),
         el("td", null, (r.shape || []).join("\u00d7")),
@@ -163,6 +170,8 @@
       if (which === "retry") location.reload();  // restart polling from the top
     } catch (e) { LR.showError(e); }
   }
+  document.getElementById("init-all").addEventListener("change", ev =>
+    document.getElementById("init-table").classList.toggle("all", ev.target.checked));
   document.getElementById("cancel-button").addEventListener("click", () => action("cancel"));
   document.getElementById("retry-button").addEventListener("click", () => action("retry"));
 

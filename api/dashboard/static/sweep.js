@@ -148,6 +148,7 @@
                // ticks at the grid's values (ranks 1, 2, 4, 8 rather than 1..8)
                tickvals: numericX && xValues.length <= 24 ? xValues : undefined },
       yaxis: { title: { text: results.metric }, type: logy ? "log" : "linear" },
+      legend: { orientation: "h", y: -0.2 }, margin: { l: 60, r: 20, t: 40, b: 80 },
     });
   }
 
@@ -168,6 +169,7 @@
       title: { text: tradeoff.metric + " versus parameters (mean \u00b1 std over seeds)" },
       xaxis: { title: { text: "parameters (factored model)" }, type: controls.logx.checked ? "log" : "linear" },
       yaxis: { title: { text: tradeoff.metric } },
+      legend: { orientation: "h", y: -0.2 }, margin: { l: 60, r: 20, t: 40, b: 80 },
     });
   }
 
