@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -114,19 +115,29 @@ def fault_client(fault_api: ServiceProcess) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def spawn_worker(fault_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    """factory(name=None, env=None, concurrency=1) -> a Celery worker on the private services (cpu queues)."""
+def spawn_worker(fault_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """factory(*names, env=None, concurrency=1) -> a Celery worker on the private services (cpu queues),
+    or a list of them when given several names (started in parallel). Killed when the test ends."""
     started: list[ServiceProcess] = []
 
-    def spawn(name: str | None = None, env: dict[str, str] | None = None, concurrency: int = 1) -> ServiceProcess:
+    def start(name: str | None, env: dict[str, str] | None, concurrency: int) -> ServiceProcess:
         sp = svc.start_worker(tmp_path, queues=("cpu",), name=name, concurrency=concurrency,
                               env={**fault_env, **(env or {})})
         started.append(sp)
         return sp
 
+    def spawn(*names: str, env: dict[str, str] | None = None, concurrency: int = 1) -> object:
+        if len(names) <= 1:
+            return start(names[0] if names else None, env, concurrency)
+        with ThreadPoolExecutor(len(names)) as pool:
+            futures = [pool.submit(start, n, env, concurrency) for n in names]
+            return [f.result() for f in futures]
+
     yield spawn
     for sp in started:
-        sp.stop(timeout=20)
+        # Nothing of theirs needs a clean shutdown (private broker and database): SIGKILL the group.
+        sp.kill(signal.SIGKILL)
+        sp.stop(timeout=5)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ EPOCHS = 2
 
 @pytest.mark.timeout(240)
 def test_same_message_twice_runs_the_job_once(fault_client, spawn_worker, unique_tag):
-    workers = [spawn_worker(name="dup-a@faults"), spawn_worker(name="dup-b@faults")]
+    workers = spawn_worker("dup-a@faults", "dup-b@faults")
     # Stored without a message (as the API's commit), then one message published twice: same task id,
     # same body - what a broker redelivery hands out. Both idle workers get a copy at the same moment.
     job, created = store.create_job(parse_spec({**TINY_TRAIN, "epochs": EPOCHS, "tags": [unique_tag]}))

@@ -11,7 +11,7 @@ from jobs.settings import get_settings
 
 pytestmark = [pytest.mark.service]
 
-EPOCHS = 3
+EPOCHS = 2
 
 
 def _running(job_id: str) -> bool:

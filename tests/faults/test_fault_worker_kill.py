@@ -11,16 +11,16 @@ from jobs.settings import get_settings
 
 pytestmark = [pytest.mark.service]
 
-EPOCHS = 4
+EPOCHS = 3
 
 
 @pytest.mark.timeout(240)
 def test_killed_worker_job_resumes_from_checkpoint_on_another_worker(fault_client, spawn_worker, unique_tag):
-    first = spawn_worker(name="doomed@faults")
+    first = spawn_worker("doomed@faults")
     job_id = submit(fault_client, {**TINY_TRAIN, "epochs": EPOCHS}, unique_tag)
     wait_for(lambda: store.get_job(job_id).status == "running", 60, "the first worker to claim the job")
     # A second worker, idle until the first dies (its reaper is what notices the death).
-    second = spawn_worker(name="survivor@faults")
+    second = spawn_worker("survivor@faults")
     ckpt = get_settings().artifacts / job_id / "checkpoints" / "last.pt"
     # Kill right after the first checkpoint: the epoch's metrics must already be stored by then
     # (otherwise the resume, which starts after that epoch, would never write them again).
