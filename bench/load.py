@@ -54,8 +54,12 @@ def _conftest():  # noqa: ANN202 - the service tests' helpers (create_database, 
 
 
 @contextlib.contextmanager
-def api_stack(workdir: Path, workers: int) -> Iterator[dict[str, Any]]:
-    """Scratch database + unique queue prefix + uvicorn (`workers` processes); all removed at the end."""
+def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[dict[str, Any]]:
+    """Scratch database + unique queue prefix + uvicorn (`workers` processes); all removed at the end.
+
+    server: "lowrank" runs `lowrank api` (uvicorn picks uvloop and httptools when installed, as in
+    production); "asyncio-h11" runs the same app under uvicorn with the pure-Python event loop and
+    HTTP parser (the set-up before uvloop/httptools were dependencies), for the same-run ratio."""
     cf = _conftest()
     token = secrets.token_hex(4)
     db_name = f"lowrank_load_{token}"
@@ -68,8 +72,14 @@ def api_stack(workdir: Path, workers: int) -> Iterator[dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(workdir / "api.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "lowrank", "api", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", str(workers), "--log-level", "warning"],
+    if server == "lowrank":
+        argv = [sys.executable, "-m", "lowrank", "api", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(workers), "--log-level", "warning"]
+    else:
+        argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+                "--workers", str(workers), "--log-level", "warning", "--proxy-headers", "--loop", "asyncio",
+                "--http", "h11"]
+    proc = subprocess.Popen(argv,
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     try:
         import httpx
@@ -201,66 +211,103 @@ def _verify(stack: dict[str, Any], tag: str, ids: list[str]) -> dict[str, Any]:
             "messages_match": set(queued_mine) == mine}
 
 
+SERVERS = {"lowrank": "`lowrank api` (uvloop + httptools, picked by uvicorn)",
+           "asyncio-h11": "uvicorn with `--loop asyncio --http h11` (before)"}
+
+
+def _measure(cfg: dict[str, Any], workdir: Path, server: str) -> dict[str, Any]:
+    with api_stack(workdir, cfg["api_workers"], server) as stack:
+        # Warm-up (connections, imports, caches): not measured.
+        asyncio.run(_drive(stack["port"], 4, 100, f"warm-{secrets.token_hex(3)}", None))
+        results = {}
+        for label, n, rate in (("closed loop", cfg["jobs"], None), ("paced", cfg["paced_jobs"], cfg["paced_rate"])):
+            tag = f"load-{secrets.token_hex(4)}"
+            load = os.getloadavg()[0]
+            res = asyncio.run(_drive(stack["port"], cfg["clients"], n, tag, rate))
+            res["loadavg"] = [load, os.getloadavg()[0]]
+            res["check"] = _verify(stack, tag, res["ids"])
+            results[label] = res
+            print(f"load {server} {label}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} "
+                  f"ms, errors {len(res['errors'])}, load {res['loadavg']}, check {res['check']}", flush=True)
+    return results
+
+
+def _exactly_once(r: dict[str, Any]) -> bool:
+    c = r["check"]
+    return (len(r["errors"]) == 0 and c["rows"] == r["n"] == c["distinct_rows"] and c["messages"] == r["n"]
+            == c["distinct_messages"] and c["rows_match"] and c["messages_match"])
+
+
 def run(quick: bool) -> None:
     cfg = QUICK if quick else FULL
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="lowrank-load-") as tmp, api_stack(Path(tmp), cfg["api_workers"]) as stack:
-        # Warm-up (connections, imports, JIT-free but caches): not measured.
-        asyncio.run(_drive(stack["port"], 4, 100, f"warm-{secrets.token_hex(3)}", None))
-        results = {}
-        load_before = os.getloadavg()
-        for label, n, rate in (("closed loop", cfg["jobs"], None), ("paced", cfg["paced_jobs"], cfg["paced_rate"])):
-            tag = f"load-{secrets.token_hex(4)}"
-            res = asyncio.run(_drive(stack["port"], cfg["clients"], n, tag, rate))
-            res["check"] = _verify(stack, tag, res["ids"])
-            results[label] = res
-            print(f"load {label}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, "
-                  f"errors {len(res['errors'])}, check {res['check']}", flush=True)
+    load_before = os.getloadavg()
+    by_server: dict[str, dict[str, Any]] = {}
+    # Before first, then after: alternate order would not help on a machine whose load drifts by minutes.
+    for server in ("asyncio-h11", "lowrank"):
+        with tempfile.TemporaryDirectory(prefix="lowrank-load-") as tmp:
+            by_server[server] = _measure(cfg, Path(tmp), server)
     load_after = os.getloadavg()
-    ok = all(len(r["errors"]) == 0 and r["check"]["rows"] == r["n"] == r["check"]["distinct_rows"]
-             and r["check"]["messages"] == r["n"] == r["check"]["distinct_messages"]
-             and r["check"]["rows_match"] and r["check"]["messages_match"] for r in results.values())
+    ok = all(_exactly_once(r) for results in by_server.values() for r in results.values())
+    results = by_server["lowrank"]
     closed, paced = results["closed loop"], results["paced"]
+
     def offered(r: dict[str, Any]) -> str:
         return "max" if r["rate_target"] is None else f"{r['rate_target']:.0f}/s"
 
     rows = "\n".join(
-        f"| {label} | {r['clients']} | {r['n']} | {offered(r)} "
+        f"| {SERVERS[server]} | {label} | {r['clients']} | {r['n']} | {offered(r)} "
         f"| {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.0f} "
-        f"| {r['check']['rows']} / {r['check']['messages']} | {len(r['errors'])} |"
-        for label, r in results.items())
+        f"| {r['check']['rows']} / {r['check']['messages']} | {len(r['errors'])} "
+        f"| {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f} |"
+        for server, res in by_server.items() for label, r in res.items())
+    base = by_server["asyncio-h11"]["closed loop"]
+    ratio = closed["rps"] / base["rps"]
     met_closed = closed["rps"] >= GOAL_RPS and closed["p99_ms"] < GOAL_P99_MS
     met_paced = paced["rps"] >= 0.97 * (paced["rate_target"] or 0) and paced["p99_ms"] < GOAL_P99_MS
     md = f"""# Load: concurrent job submissions (POST /api/v1/jobs)
 
 {common.environment_header()}
 
-Setup: `lowrank api --workers {cfg['api_workers']}` (uvicorn) on a scratch Postgres database and Redis
-(unique queue prefix), no Celery worker; {cfg['clients']} clients, each one keep-alive HTTP/1.1
-connection (a minimal asyncio client, so the load generator competes for the same 2 CPUs as little
-as possible). Each submission is a tiny approx spec with a distinct seed. Latency is measured by the
-client from sending the request to reading the whole response.
+Setup: {cfg['api_workers']} uvicorn worker processes on a scratch Postgres database and Redis (unique
+queue prefix), no Celery worker; {cfg['clients']} clients, each one keep-alive HTTP/1.1 connection (a
+minimal asyncio client, so the load generator competes for the same 2 CPUs as little as possible).
+Each submission is a tiny approx spec with a distinct seed. Latency is measured by the client from
+sending the request to reading the whole response. The same runs twice in this process, each on a
+fresh database: first the app under uvicorn's pure-Python event loop and HTTP parser (asyncio + h11,
+what `lowrank api` ran before uvloop and httptools became dependencies), then `lowrank api` as
+shipped (uvicorn picks uvloop + httptools). Load average (1 min, 2 CPUs) is given per run.
 
-| run | clients | jobs | offered rate | req/s | p50 ms | p90 ms | p99 ms | max ms | rows / messages | errors |
-|---|---|---|---|---|---|---|---|---|---|---|
+| server | run | clients | jobs | offered rate | req/s | p50 ms | p90 ms | p99 ms | max ms | rows / messages | errors | load avg |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
+Closed-loop throughput, `lowrank api` / asyncio + h11 in this run: {ratio:.2f}x.
 Machine load (1-min load average, 2 CPUs) at start {load_before[0]:.1f}, at end {load_after[0]:.1f}:
 {"the machine was shared with other work during this run, so these numbers understate what the API does on an idle 2-core machine." if max(load_before[0], load_after[0]) > 2.5 else "the machine was otherwise idle."}
 
 Exactly once: {"every run stored each job once (Postgres rows with the run's tag = jobs answered 201, ids distinct) and enqueued it once (Redis messages for those ids = jobs, one per id)" if ok else "**FAILED**: see the table (rows / messages must both equal jobs)"}.
 
-Goal (≥ {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick mode: smaller numbers" if quick else "full run"}):
+Goal (>= {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick mode: smaller numbers" if quick else "full run"}), `lowrank api`:
 * closed loop, {cfg['clients']} clients flat out: {closed['rps']:.0f} req/s, p99 {closed['p99_ms']:.0f} ms: {"met" if met_closed else "NOT met"}.
   With {cfg['clients']} clients always waiting on an answer, Little's law ties the two: mean latency =
   clients / throughput = {1000 * cfg['clients'] / closed['rps']:.0f} ms here, so p99 < 100 ms with 50 such clients
   would need well over 500 req/s.
 * paced at {paced['rate_target']:.0f} submissions/s (open loop, {cfg['clients']} clients): {paced['rps']:.0f} req/s achieved,
   p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms: {"met" if met_paced else "NOT met"}.
+
+Per request the API validates the spec, writes the job and its tags in one autocommit statement
+(store.create_job on Postgres) and sends one Celery message to Redis; the request handler runs in
+the threadpool of each of the {cfg['api_workers']} processes.
 """
-    data = {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "errors")} | {"errors": len(v["errors"])}
-            for k, v in results.items()}
+    def strip(res: dict[str, Any]) -> dict[str, Any]:
+        return {k: {kk: vv for kk, vv in v.items() if kk not in ("ids", "errors")} | {"errors": len(v["errors"])}
+                for k, v in res.items()}
+
+    data: dict[str, Any] = strip(results)
+    data["servers"] = {server: strip(res) for server, res in by_server.items()}
+    data["ratio_closed_rps"] = ratio
     data["exactly_once"] = ok
     data["loadavg"] = {"start": load_before[0], "end": load_after[0]}
     path = common.write_result("load", md, data)

@@ -106,3 +106,42 @@ def enqueue_job(celery_app: Celery, job_id: str, device: str,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
     )
+
+
+class BulkEnqueueError(Exception):
+    """enqueue_jobs failed part-way: the first `sent` jobs are on the broker, the rest are not."""
+
+    def __init__(self, sent: int, cause: BaseException) -> None:
+        super().__init__(f"broker failure after {sent} messages: {cause!r}")
+        self.sent = sent
+
+
+def enqueue_jobs(celery_app: Celery, jobs: list[tuple[str, str, str]], *, batch_size: int = 1000) -> int:
+    """Send TASK_RUN_JOB for many (job_id, device, priority) over one producer; returns how many were sent.
+
+    Each message is built by Celery's own send_task (the same format the worker consumes). On Redis
+    they are pipelined, `batch_size` per round trip (kombu's Producer.batch); on transports without
+    batch publishing (the embedded filesystem broker) each is sent at once, with enqueue_job's retry
+    policy. Raises BulkEnqueueError(sent) if the broker fails part-way. Call only after the jobs'
+    rows are committed."""
+    retry_policy = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
+    sent = 0
+    try:
+        with celery_app.producer_or_acquire() as producer:
+            if not producer.supports_batch_publish:
+                for job_id, device, priority in jobs:
+                    celery_app.send_task(TASK_RUN_JOB, args=[str(job_id)], queue=_queue(celery_app, device, priority),
+                                         producer=producer, retry=True, retry_policy=retry_policy)
+                    sent += 1
+                return sent
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start:start + batch_size]
+                # One pipeline per chunk: flushed when the block exits, discarded if it raises.
+                with producer.batch(max_size=len(chunk) + 16):
+                    for job_id, device, priority in chunk:
+                        celery_app.send_task(TASK_RUN_JOB, args=[str(job_id)],
+                                             queue=_queue(celery_app, device, priority), producer=producer)
+                sent += len(chunk)
+    except Exception as exc:
+        raise BulkEnqueueError(sent, exc) from exc
+    return sent
