@@ -13,7 +13,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from kombu.exceptions import OperationalError as BrokerOperationalError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -85,13 +85,27 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(sa_exc.OperationalError)
     @app.exception_handler(sa_exc.InterfaceError)
     @app.exception_handler(sa_exc.TimeoutError)
-    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable: %s", exc)
-        return JSONResponse({"detail": "the database is unavailable; retry later", "code": "unavailable"},
-                            status_code=503, headers={"Retry-After": "5"})
-
     @app.exception_handler(BrokerOperationalError)
-    async def _broker_down(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("broker unavailable: %s", exc)
-        return JSONResponse({"detail": "the message broker is unavailable; retry later", "code": "unavailable"},
-                            status_code=503, headers={"Retry-After": "5"})
+    async def _outage(_: Request, exc: Exception) -> JSONResponse:
+        return outage_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> Response:
+        # Starlette runs this one outermost (ServerErrorMiddleware), so it also sees what a middleware
+        # raised - e.g. a token lookup (api/security.py) while Postgres is down: 503, not 500.
+        if isinstance(exc, OUTAGE_ERRORS):
+            return outage_response(exc)
+        return PlainTextResponse("Internal Server Error", status_code=500)  # Starlette's default
+
+
+# Errors that mean a backing service is down or overloaded (the client should retry), not a bug.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, BrokerOperationalError)
+
+
+def outage_response(exc: BaseException) -> JSONResponse:
+    """503 + Retry-After naming the service that is down (database or message broker)."""
+    what = "message broker" if isinstance(exc, BrokerOperationalError) else "database"
+    log.warning("%s unavailable: %s", what, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return JSONResponse({"detail": f"the {what} is unavailable; retry later", "code": "unavailable"},
+                        status_code=503, headers={"Retry-After": "5"})

@@ -6,8 +6,8 @@ import time
 import httpx
 import pytest
 
-from faultlib import SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, series, submit, wait_for, wait_job
-from jobs import store
+from faultlib import SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, series, submit, svc, wait_for, wait_job
+from jobs import auth, store
 from jobs.settings import get_settings
 
 pytestmark = [pytest.mark.service]
@@ -24,8 +24,20 @@ def _timed(client: httpx.Client, method: str, path: str, **kw) -> tuple[httpx.Re
 
 
 @pytest.mark.timeout(300)
-def test_postgres_outage_gives_503_and_recovers_without_losing_metrics(fault_client, fault_pg, spawn_worker,
-                                                                      unique_tag):
+def test_postgres_outage_gives_503_and_recovers_without_losing_metrics(fault_client, fault_pg, fault_env,
+                                                                      spawn_worker, unique_tag, tmp_path):
+    # Also an API with auth on and no token cache: its token check (a middleware) reads the database too.
+    _, token = auth.create_token(f"fault-{unique_tag}")
+    secured = svc.start_api(tmp_path, {**fault_env, "LOWRANK_AUTH": "required", "LOWRANK_AUTH_CACHE_S": "0"})
+    try:
+        _run(fault_client, fault_pg, spawn_worker, unique_tag, secured.url, token)
+    finally:
+        secured.stop()
+
+
+def _run(fault_client, fault_pg, spawn_worker, unique_tag, secured_url: str, token: str) -> None:  # noqa: ANN001
+    secured = httpx.Client(base_url=secured_url, timeout=30, headers={"Authorization": f"Bearer {token}"})
+    assert secured.get("/api/v1/jobs").status_code == 200
     worker = spawn_worker()
     job_id = submit(fault_client, {**TINY_TRAIN, "epochs": EPOCHS, "seed": 2}, unique_tag)
     wait_for(lambda: store.get_job(job_id).status == "running", 90, "the train job to start")
@@ -39,11 +51,13 @@ def test_postgres_outage_gives_503_and_recovers_without_losing_metrics(fault_cli
         "GET /api/v1/jobs/{id}": ("GET", f"/api/v1/jobs/{job_id}", {}),
         "GET /api/v1/jobs": ("GET", "/api/v1/jobs", {}),
         "POST /api/v1/jobs/{id}/cancel": ("POST", f"/api/v1/jobs/{job_id}/cancel", {}),
+        "auth GET /api/v1/jobs": ("GET", "auth /api/v1/jobs", {}),
     }
     worst: dict[str, float] = {}
     while time.monotonic() - down_at < OUTAGE_S:
         for what, (method, path, kw) in probes.items():
-            r, took = _timed(fault_client, method, path, **kw)
+            client = secured if what.startswith("auth ") else fault_client
+            r, took = _timed(client, method, path.removeprefix("auth "), **kw)
             assert r.status_code == 503, (what, r.status_code, r.text)
             assert took < HANG_BOUND_S, (what, took)
             if what == "GET /readyz":
@@ -57,6 +71,7 @@ def test_postgres_outage_gives_503_and_recovers_without_losing_metrics(fault_cli
     back_at = time.monotonic()
     wait_for(lambda: fault_client.get("/readyz").status_code == 200, 60, "/readyz to answer 200 again", interval=0.1)
     ready_s = time.monotonic() - back_at
+    assert secured.get("/api/v1/jobs").status_code == 200
     r, _ = _timed(fault_client, "POST", "/api/v1/jobs", json={**SMALL_APPROX, "tags": [unique_tag]})
     assert r.status_code == 201, r.text
     writes_s = time.monotonic() - back_at
