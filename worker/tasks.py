@@ -156,6 +156,8 @@ class RunContext:
             try:
                 self.metrics.flush(raise_errors=True)
                 return
+            except SoftTimeLimitExceeded:
+                raise  # the job's time is up, not the database
             except Exception as exc:  # noqa: BLE001 - a database outage: wait for it, bounded
                 if time.monotonic() >= deadline:
                     raise RuntimeError(f"could not store the job's metrics for {timeout_s:g} s "
