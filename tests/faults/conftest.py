@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from faultlib import SHARED_PORTS, PrivatePostgres, PrivateRedis, ServiceProcess, free_port, svc
+from faults.faultlib import SHARED_PORTS, PrivatePostgres, PrivateRedis, ServiceProcess, free_port, svc
 
 # ------------------------------------------------------------------------------------------------
 # Fixtures.

@@ -47,9 +47,11 @@ SMALL_APPROX = {"kind": "approx", "weights": {"source": "gaussian", "m": 64, "d"
 
 
 def _missing(tool: str, why: str) -> None:
+    """FAIL (never skip): with LOWRANK_TEST_REQUIRE_SERVICES=1 (.ci/run) or without."""
     required = os.environ.get("LOWRANK_TEST_REQUIRE_SERVICES") == "1"
-    pytest.fail(f"fault tests need {tool} ({why}){' - required by LOWRANK_TEST_REQUIRE_SERVICES=1' if required else ''}; "
-                "install postgresql (postgresql-common) and redis-server", pytrace=False)
+    required = " - required by LOWRANK_TEST_REQUIRE_SERVICES=1" if required else ""
+    pytest.fail(f"fault tests need {tool} ({why}){required}; install postgresql (postgresql-common) and redis-server",
+                pytrace=False)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2):  # noqa: ANN201

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from faultlib import TINY_TRAIN, assert_complete_train_metrics, wait_for, wait_job
+from faults.faultlib import TINY_TRAIN, assert_complete_train_metrics, wait_for, wait_job
 from jobs import store
 from jobs.queue import TASK_RUN_JOB, make_celery, queue_name
 from jobs.specs import parse_spec

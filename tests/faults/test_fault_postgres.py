@@ -6,7 +6,8 @@ import time
 import httpx
 import pytest
 
-from faultlib import SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, series, submit, svc, wait_for, wait_job
+from faults.faultlib import (SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, series, submit, svc, wait_for,
+                             wait_job)
 from jobs import auth, store
 from jobs.settings import get_settings
 

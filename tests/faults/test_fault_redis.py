@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from faultlib import SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, submit, wait_for, wait_job
+from faults.faultlib import SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, submit, wait_for, wait_job
 from jobs import store
 from jobs.settings import get_settings
 

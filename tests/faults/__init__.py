@@ -1,0 +1,1 @@
+"""Fault tests (a package, so their package-scoped private services end with the folder)."""
