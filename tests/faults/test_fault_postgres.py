@@ -13,7 +13,7 @@ from jobs.settings import get_settings
 
 pytestmark = [pytest.mark.service]
 
-EPOCHS = 3
+EPOCHS = 5
 OUTAGE_S = 10.0  # longer than stale_after_s (6 s): every heartbeat looks stale when Postgres returns
 HANG_BOUND_S = 15.0  # "no hang": far above the 5 s connect timeout, far below the client's 30 s
 

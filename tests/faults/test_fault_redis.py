@@ -45,7 +45,7 @@ def test_redis_restart_loses_no_job(fault_client, fault_redis, spawn_worker, uni
     # 2. Redis comes back with no data at all (no persistence, a wiped volume, a failover to an empty
     # replica): the queued jobs' messages are gone. The reaper sees fewer messages on the queue than
     # jobs waiting on it and sends theirs again.
-    train2 = submit(fault_client, {**TINY_TRAIN, "epochs": EPOCHS, "seed": 1}, unique_tag)
+    train2 = submit(fault_client, {**TINY_TRAIN, "epochs": EPOCHS + 1, "seed": 1}, unique_tag)
     wait_for(lambda: _running(train2), 90, "the second train job to start")
     lost = [submit(fault_client, {**SMALL_APPROX, "seed": 10 + i}, unique_tag) for i in range(2)]
     fault_redis.stop()
@@ -56,7 +56,7 @@ def test_redis_restart_loses_no_job(fault_client, fault_redis, spawn_worker, uni
     wiped_s = time.monotonic() - wiped
     assert [j["status"] for j in jobs] == ["succeeded"] * 3, [j["error"] for j in jobs]
     assert [j["attempts"] for j in jobs] == [1] * 3
-    assert_complete_train_metrics(fault_client, train2, EPOCHS)
+    assert_complete_train_metrics(fault_client, train2, EPOCHS + 1)
     assert all(f"job {j}: queued, but its message looks lost; sent again" in worker.logs() for j in lost)
     assert fault_client.get("/readyz").status_code == 200
     print(f"\nRedis restart (AOF): submit while down answered 201 in {submit_while_down_s:.2f} s; "
