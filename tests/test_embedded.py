@@ -60,7 +60,10 @@ def test_up_embedded_default_runs_a_job(tmp_path):
         startup = time.monotonic() - t0
         home = tmp_path / ".lowrank"
         assert (home / "lowrank.db").is_file() and (home / "broker").is_dir()
-        assert "SQLite + filesystem broker under" in log_path.read_text()
+        text = log_path.read_text()
+        assert "SQLite + filesystem broker under" in text
+        # Auth is off by default on loopback, and a start that passed its checks says so.
+        assert "lowrank up: authentication is OFF (LOWRANK_AUTH=off)" in text
 
         with httpx.Client(base_url=base, timeout=30) as client:
             spec = {"kind": "approx", "weights": {"source": "gaussian", "m": 128, "d": 64}, "rank": 8, "method": "nkp"}

@@ -126,26 +126,35 @@ def is_loopback(host: str) -> bool:
         return False  # a host name other than localhost, 0.0.0.0's spelled forms: treat as public
 
 
-def check_auth_for_bind(host: str, label: str) -> None:
+def check_auth_for_bind(host: str, label: str) -> str | None:
     """Auth off is allowed on a loopback bind only (announced); a non-loopback bind with auth off is
-    refused rather than silently switched on, so nobody ends up with a server they cannot reach."""
+    refused rather than silently switched on, so nobody ends up with a server they cannot reach.
+
+    Returns the announcement to print once every other start-up check has passed (so a refused start
+    prints its one error line and nothing else), or None when auth is on."""
     from jobs.settings import get_settings
 
     if get_settings().auth != "off":
-        return
+        return None
     if not is_loopback(host):
         raise CliError(f"--host {host} is not a loopback address and LOWRANK_AUTH is off: set "
                        f"LOWRANK_AUTH=required (and create a token: lowrank token create NAME) to serve "
                        f"other machines, or bind 127.0.0.1")
-    print(f"{label}: authentication is OFF (LOWRANK_AUTH=off): every request from this machine acts as "
-          f"an admin; listening on loopback {host} only", file=sys.stderr, flush=True)
+    return (f"{label}: authentication is OFF (LOWRANK_AUTH=off): every request from this machine acts as "
+            f"an admin; listening on loopback {host} only")
+
+
+def _announce(notice: str | None) -> None:
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
     if not (0 < args.port < 65536):
         raise CliError(f"--port must be in 1..65535, got {args.port}")
-    check_auth_for_bind(args.host, "lowrank api")
+    notice = check_auth_for_bind(args.host, "lowrank api")
     check_database_at_head()
+    _announce(notice)
     import uvicorn
 
     uvicorn.run("api.main:app", host=args.host, port=args.port, workers=args.workers,
@@ -194,11 +203,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     if not (0 < args.port < 65536):
         raise CliError(f"--port must be in 1..65535, got {args.port}")
-    check_auth_for_bind(args.host, "lowrank up")
+    notice = check_auth_for_bind(args.host, "lowrank up")
     _check_port_free(args.host, args.port)
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     _migrate()
+    _announce(notice)
     where = (f"SQLite + filesystem broker under {settings.home}" if settings.is_sqlite and settings.is_embedded_broker
              else f"database {_redact(settings.database_url)}, broker {_redact(settings.broker_url)}")
     print(f"lowrank up: {where}; API on http://{_url_host(args.host)}:{args.port} "
