@@ -19,13 +19,11 @@ revocation takes effect within that window.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import threading
 import time
-from functools import lru_cache
 from typing import Any
 
 import anyio.to_thread
@@ -40,24 +38,13 @@ log = logging.getLogger("api.security")
 
 PROTECTED_PREFIX = "/api/"
 PROTECTED_PATHS = frozenset({"/metrics", "/api"})
+CACHE_MAX = 10_000
+_CHALLENGE = b'Bearer realm="lowrank"'
+is_loopback_host = auth.is_loopback_host
 
 
 def is_protected(path: str) -> bool:
     return path.startswith(PROTECTED_PREFIX) or path.rstrip("/") in PROTECTED_PATHS
-CACHE_MAX = 10_000
-_CHALLENGE = b'Bearer realm="lowrank"'
-
-
-@lru_cache(maxsize=256)
-def is_loopback_host(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def auth_required(settings: Settings, scope: Scope) -> bool:

@@ -14,7 +14,6 @@ Quick mode shrinks every size (a smoke run of a minute or two).
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from typing import Any

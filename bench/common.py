@@ -118,3 +118,24 @@ def write_result(name: str, markdown: str, data: dict[str, Any] | None = None) -
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     return path
+
+
+def cpu_busy_fraction(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs' time spent busy (not idle or waiting on I/O) over the next `seconds`,
+    from /proc/stat: whether other work shares the machine right now, unlike the 1-minute load
+    average, which still remembers the previous benchmark for a minute. NaN where /proc is absent."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return float("nan")
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)

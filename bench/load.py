@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import secrets
@@ -34,23 +33,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, scratch
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {"clients": 50, "jobs": 5000, "paced_rate": 300.0, "paced_jobs": 3000, "api_workers": 2}
 QUICK = {"clients": 20, "jobs": 600, "paced_rate": 150.0, "paced_jobs": 300, "api_workers": 2}
 GOAL_RPS, GOAL_P99_MS = 300.0, 100.0
-
-
-def _conftest():  # noqa: ANN202 - the service tests' helpers (create_database, _clean_redis, ...)
-    name = "_lowrank_service_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "service" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @contextlib.contextmanager
@@ -60,53 +48,44 @@ def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[
     server: "lowrank" runs `lowrank api` (uvicorn picks uvloop and httptools when installed, as in
     production); "asyncio-h11" runs the same app under uvicorn with the pure-Python event loop and
     HTTP parser (the set-up before uvloop/httptools were dependencies), for the same-run ratio."""
-    cf = _conftest()
-    token = secrets.token_hex(4)
-    db_name = f"lowrank_load_{token}"
-    url = cf.create_database(db_name)
-    env = {**os.environ, "LOWRANK_HOME": str(workdir / "home"), "LOWRANK_DATABASE_URL": url,
-           "LOWRANK_BROKER_URL": cf.REDIS_URL, "LOWRANK_QUEUE_PREFIX": f"lrl{token}.",
-           "LOWRANK_ARTIFACT_ROOT": str(workdir / "home" / "artifacts"), "LOWRANK_AUTH": "off"}
-    subprocess.run([sys.executable, "-m", "lowrank", "db", "upgrade"], env=env, check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(workdir / "api.log", "ab")  # noqa: SIM115
-    if server == "lowrank":
-        argv = [sys.executable, "-m", "lowrank", "api", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", str(workers), "--log-level", "warning"]
-    else:
-        argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-                "--workers", str(workers), "--log-level", "warning", "--proxy-headers", "--loop", "asyncio",
-                "--http", "h11"]
-    proc = subprocess.Popen(argv,
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
-    try:
-        import httpx
+    with scratch.service(workdir / "home", "load", in_process=False) as stack, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        env = {**os.environ, **stack["env"]}
+        if server == "lowrank":
+            argv = [sys.executable, "-m", "lowrank", "api", "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", str(workers), "--log-level", "warning"]
+        else:
+            argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", str(workers), "--log-level", "warning", "--proxy-headers", "--loop", "asyncio",
+                    "--http", "h11"]
+        with open(workdir / "api.log", "ab") as log:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        try:
+            import httpx
 
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"API exited: {(workdir / 'api.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("API not ready after 90 s")
-            time.sleep(0.3)
-        yield {"port": port, "url": url, "prefix": env["LOWRANK_QUEUE_PREFIX"], "db": db_name, "cf": cf}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        cf.drop_database(db_name)
-        cf._clean_redis(env["LOWRANK_QUEUE_PREFIX"])
+            deadline = time.monotonic() + 90
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"API exited: {(workdir / 'api.log').read_text()[-2000:]}")
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("API not ready after 90 s")
+                time.sleep(0.3)
+            yield {"port": port, "url": stack["url"], "prefix": stack["prefix"], "db": stack["db"],
+                   "cf": stack["cf"]}
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,6 +221,7 @@ def run(quick: bool) -> None:
     cfg = QUICK if quick else FULL
     import tempfile
 
+    busy_before = common.cpu_busy_fraction()
     load_before = os.getloadavg()
     by_server: dict[str, dict[str, Any]] = {}
     # Before first, then after: alternate order would not help on a machine whose load drifts by minutes.
@@ -284,16 +264,18 @@ shipped (uvicorn picks uvloop + httptools). Load average (1 min, 2 CPUs) is give
 {rows}
 
 Closed-loop throughput, `lowrank api` / asyncio + h11 in this run: {ratio:.2f}x.
-Machine load (1-min load average, 2 CPUs) at start {load_before[0]:.1f}, at end {load_after[0]:.1f}:
-{"the machine was shared with other work during this run, so these numbers understate what the API does on an idle 2-core machine." if max(load_before[0], load_after[0]) > 2.5 else "the machine was otherwise idle."}
+Machine load (1-min load average, 2 CPUs) at start {load_before[0]:.1f}, at end {load_after[0]:.1f}; CPUs busy
+{100 * busy_before:.0f}% in the 2 s before the run:
+{"the machine was busy with other work when this run started, so these numbers understate what the API does on an idle 2-core machine." if busy_before > 0.25 else "the machine was otherwise idle when the run started (the load during it is the API, Postgres, Redis and the clients themselves)."}
 
 Exactly once: {"every run stored each job once (Postgres rows with the run's tag = jobs answered 201, ids distinct) and enqueued it once (Redis messages for those ids = jobs, one per id)" if ok else "**FAILED**: see the table (rows / messages must both equal jobs)"}.
 
 Goal (>= {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick mode: smaller numbers" if quick else "full run"}), `lowrank api`:
 * closed loop, {cfg['clients']} clients flat out: {closed['rps']:.0f} req/s, p99 {closed['p99_ms']:.0f} ms: {"met" if met_closed else "NOT met"}.
   With {cfg['clients']} clients always waiting on an answer, Little's law ties the two: mean latency =
-  clients / throughput = {1000 * cfg['clients'] / closed['rps']:.0f} ms here, so p99 < 100 ms with 50 such clients
-  would need well over 500 req/s.
+  clients / throughput = {1000 * cfg['clients'] / closed['rps']:.0f} ms here; with this run's spread (p99 =
+  {closed['p99_ms'] * closed['rps'] / (1000 * cfg['clients']):.1f}x the mean), p99 < {GOAL_P99_MS:.0f} ms with {cfg['clients']} clients always waiting would need about
+  {closed['p99_ms'] * closed['rps'] / (1000 * cfg['clients']) * cfg['clients'] * 1000 / GOAL_P99_MS:,.0f} req/s. Flat out is not the goal's load: the paced run at the goal's rate is.
 * paced at {paced['rate_target']:.0f} submissions/s (open loop, {cfg['clients']} clients): {paced['rps']:.0f} req/s achieved,
   p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms: {"met" if met_paced else "NOT met"}.
 
@@ -310,6 +292,7 @@ the threadpool of each of the {cfg['api_workers']} processes.
     data["ratio_closed_rps"] = ratio
     data["exactly_once"] = ok
     data["loadavg"] = {"start": load_before[0], "end": load_after[0]}
+    data["cpu_busy_before"] = busy_before
     path = common.write_result("load", md, data)
     print(f"wrote {path}")
     if not ok:

@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import importlib.util
-import os
-import secrets
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, scratch
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {"bulk_points": 40_000, "batches": [200, 1000, 5000], "single_points": 1500, "rounds": 3,
@@ -49,78 +45,17 @@ TINY_JOB = {"kind": "approx", "weights": {"source": "gaussian", "m": 32, "d": 32
             "method": "spectral", "tags": ["bench-service"]}
 
 
-def _conftest():  # noqa: ANN202 - the service tests' helpers (create_database, start_api, start_worker, ...)
-    name = "_lowrank_service_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "service" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _call(fn, *args, **kwargs):  # noqa: ANN001, ANN202
-    """The conftest helpers report failures with pytest.fail (a BaseException): make it an error here."""
-    import pytest
-
-    try:
-        return fn(*args, **kwargs)
-    except pytest.fail.Exception as exc:
-        raise RuntimeError(str(exc)) from None
-
-
-def _check_reachable(cf) -> None:  # noqa: ANN001
-    import redis
-
-    try:
-        with cf._pg_admin_connect() as conn:
-            conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"the service benchmark needs PostgreSQL at {cf.PG_ADMIN_URL}: {exc}") from None
-    try:
-        redis.Redis.from_url(cf.REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"the service benchmark needs Redis at {cf.REDIS_URL}: {exc}") from None
-
-
 @contextlib.contextmanager
 def service_stack(workdir: Path) -> Iterator[dict[str, Any]]:
-    """A scratch database + queue prefix in os.environ (jobs.settings reset), removed at the end."""
-    cf = _conftest()
-    _check_reachable(cf)
-    token = secrets.token_hex(4)
-    db_name = f"lowrank_bench_{token}"
-    url = cf.create_database(db_name)
-    env = {
-        "LOWRANK_HOME": str(workdir / "home"),
-        "LOWRANK_DATABASE_URL": url,
-        "LOWRANK_BROKER_URL": cf.REDIS_URL,
-        "LOWRANK_QUEUE_PREFIX": f"lrb{token}.",
-        "LOWRANK_ARTIFACT_ROOT": str(workdir / "home" / "artifacts"),
-        "LOWRANK_AUTH": "off",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from jobs import migrate
-    from jobs.settings import reset_settings
-
-    reset_settings()
-    procs: list[Any] = []
-    try:
-        migrate.upgrade(url)
-        yield {"env": env, "procs": procs, "cf": cf, "db": db_name}
-    finally:
-        for sp in procs:
-            sp.stop(timeout=20)
-        reset_settings()  # closes pooled connections before the DROP
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        cf.drop_database(db_name)
-        cf._clean_redis(env["LOWRANK_QUEUE_PREFIX"])
+    """A scratch database + queue prefix in os.environ (jobs.settings reset), removed at the end;
+    the processes appended to "procs" are stopped first."""
+    with scratch.service(workdir / "home", "bench") as s:
+        procs: list[Any] = []
+        try:
+            yield {"env": s["env"], "procs": procs, "cf": s["cf"], "db": s["db"]}
+        finally:
+            for sp in procs:
+                sp.stop(timeout=20)
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -292,9 +227,9 @@ def run(quick: bool) -> None:
         ing = ingestion(cfg)
         print("starting the API and a worker", flush=True)
         t0 = time.perf_counter()
-        api = _call(cf.start_api, Path(tmp))
+        api = scratch.call(cf.start_api, Path(tmp))
         stack["procs"].append(api)
-        worker = _call(cf.start_worker, Path(tmp), queues=("cpu",), concurrency=1)
+        worker = scratch.call(cf.start_worker, Path(tmp), queues=("cpu",), concurrency=1)
         stack["procs"].append(worker)
         startup = time.perf_counter() - t0
         with httpx.Client(base_url=api.url, timeout=30) as client:

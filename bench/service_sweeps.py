@@ -23,11 +23,9 @@ so creation is measured alone (their Redis messages are deleted at the end).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -36,23 +34,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, scratch
 
 REPO = Path(__file__).resolve().parent.parent
 FULL = {"create_sizes": [1_000, 10_000], "create_rounds": 3, "results_jobs": 10_000, "result_reads": 15}
 QUICK = {"create_sizes": [100, 1_000], "create_rounds": 2, "results_jobs": 1_000, "result_reads": 5}
 GOAL_MS = 200.0
-
-
-def _conftest():  # noqa: ANN202
-    name = "_lowrank_service_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "service" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def sweep_body(n_jobs: int, tag: str) -> dict[str, Any]:
@@ -65,36 +52,13 @@ def sweep_body(n_jobs: int, tag: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def stack() -> Iterator[dict[str, Any]]:
-    cf = _conftest()
-    token = secrets.token_hex(4)
-    db_name = f"lowrank_bench_{token}"
-    url = cf.create_database(db_name)
     home = Path(tempfile.mkdtemp(prefix="lowrank_bench_sweeps_"))
-    env = {"LOWRANK_HOME": str(home), "LOWRANK_DATABASE_URL": url, "LOWRANK_BROKER_URL": cf.REDIS_URL,
-           "LOWRANK_QUEUE_PREFIX": f"lrb{token}.", "LOWRANK_ARTIFACT_ROOT": str(home / "artifacts"),
-           "LOWRANK_AUTH": "off"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from jobs import migrate
-    from jobs.settings import reset_settings
-
-    reset_settings()
-    api = None
-    try:
-        migrate.upgrade(url)
-        api = cf.start_api(home, env)
-        yield {"url": url, "api": api, "env": env}
-    finally:
-        if api is not None:
+    with scratch.service(home, "bench") as s:
+        api = s["cf"].start_api(home, s["env"])
+        try:
+            yield {"url": s["url"], "api": api, "env": s["env"]}
+        finally:
             api.stop()
-        reset_settings()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        cf.drop_database(db_name)
-        cf._clean_redis(env["LOWRANK_QUEUE_PREFIX"])
 
 
 def _mark_succeeded(sweep_id: str) -> float:
@@ -116,7 +80,7 @@ def _mark_succeeded(sweep_id: str) -> float:
 def _queued(prefix: str) -> int:
     import redis
 
-    r = redis.Redis.from_url(_conftest().REDIS_URL)
+    r = redis.Redis.from_url(scratch.conftest().REDIS_URL)
     try:
         return sum(r.llen(k) for k in r.scan_iter(match=f"{prefix}*", count=1000) if r.type(k) == b"list")
     finally:

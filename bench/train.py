@@ -19,7 +19,6 @@ machine two OpenMP threads per process oversubscribe the cores and make timings 
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Any

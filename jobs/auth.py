@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
+import ipaddress
 import re
 import secrets
 import uuid
@@ -26,6 +28,22 @@ from jobs.errors import InvalidInput, NotFound
 
 TOKEN_PREFIX = "lrk_"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.@+\-]{1,128}$")
+
+
+@functools.lru_cache(maxsize=256)
+def is_loopback_host(host: str | None) -> bool:
+    """True for `localhost` and loopback IPs (127.0.0.0/8, ::1, with or without a zone); False for
+    everything else, 0.0.0.0 and host names included (those bind or reach other machines)."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 # last_used_at is written at most this often per token (verification is cached in the API anyway).
 LAST_USED_RESOLUTION = dt.timedelta(seconds=60)
 

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, aliased
 
 from jobs import models as m
 from jobs.db import session_scope
-from jobs.errors import Conflict, Forbidden, InvalidInput, InvalidState, NotFound, TooLarge
+from jobs.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 from jobs.settings import get_settings
 from jobs.specs import TEXT_PATTERN, parse_spec, queue_for, spec_to_dict
 from jobs.store import _encode_cursor, _decode_cursor, _now, _uuid, check_references

@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 
 from api.deps import PrincipalDep
 from jobs import stats
-from jobs.models import JOB_KINDS, JOB_STATUSES, PRIORITIES, QUEUES
+from jobs.models import PRIORITIES, QUEUES
 from jobs.queue import queue_name
 from jobs.settings import Settings, get_settings
 

@@ -115,28 +115,18 @@ def check_database_at_head() -> None:
                        f"head is {head}: run `lowrank db upgrade` first")
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost, 0.0.0.0's spelled forms: treat as public
-
-
 def check_auth_for_bind(host: str, label: str) -> str | None:
     """Auth off is allowed on a loopback bind only (announced); a non-loopback bind with auth off is
     refused rather than silently switched on, so nobody ends up with a server they cannot reach.
 
     Returns the announcement to print once every other start-up check has passed (so a refused start
     prints its one error line and nothing else), or None when auth is on."""
+    from jobs.auth import is_loopback_host
     from jobs.settings import get_settings
 
     if get_settings().auth != "off":
         return None
-    if not is_loopback(host):
+    if not is_loopback_host(host):
         raise CliError(f"--host {host} is not a loopback address and LOWRANK_AUTH is off: set "
                        f"LOWRANK_AUTH=required (and create a token: lowrank token create NAME) to serve "
                        f"other machines, or bind 127.0.0.1")

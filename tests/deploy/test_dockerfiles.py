@@ -113,7 +113,7 @@ def test_runs_as_a_non_root_user(image: tuple[str, list[Instruction]]) -> None:
     last_user = max(idx[id(i)] for i in rt if i.keyword == "USER")
     assert all(idx[id(i)] < last_user for i in rt if i.keyword == "RUN")
     assert all(idx[id(i)] > last_user for i in rt if i.keyword == "CMD")
-    assert re.search(rf"useradd .*--uid \"?\$\{{APP_UID\}}\"?", runs(rt)), name
+    assert re.search(r'useradd .*--uid "?\$\{APP_UID\}"?', runs(rt)), name
     assert "chown lowrank:lowrank /data/artifacts" in runs(rt)
 
 
