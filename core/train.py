@@ -60,8 +60,10 @@ class TrainCallbacks:
     """Hooks `train` calls (override any; defaults do nothing). Called from rank 0 only.
 
     on_metrics(step, epoch, metrics): per epoch with train_loss, train_top1, val_loss, val_top1,
-    val_top5, lr, epoch_time_s, images_per_s; and every `log_every` optimizer steps with
-    train_loss (mean since the previous report) and lr. `step` counts optimizer steps from 1,
+    val_top5, lr, epoch_time_s, images_per_s (train_loss and train_top1: means over the epoch); and
+    every `log_every` optimizer steps with train_loss_step (the mean since the previous step-level
+    report) and lr. The two loss statistics have different names because an epoch's last step can
+    carry both: a stored series (unique on name + step) then never mixes them. `step` counts optimizer steps from 1,
     `epoch` counts from 1. on_progress(frac): fraction of all steps done, in [0, 1].
     should_stop(): polled between steps; True makes `train` raise TrainingCancelled (keep it cheap).
     """
@@ -613,7 +615,7 @@ class _Trainer:
                 step_loss = self.dist.all_sum([log_loss.item(), float(log_n)], dev)
                 if self.dist.main:
                     self.callbacks.on_metrics(self.step, epoch + 1, {
-                        "train_loss": step_loss[0] / step_loss[1], "lr": self.optimizer.param_groups[0]["lr"]})
+                        "train_loss_step": step_loss[0] / step_loss[1], "lr": self.optimizer.param_groups[0]["lr"]})
                 log_loss.zero_()
                 log_n = 0
             self._progress()

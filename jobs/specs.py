@@ -199,7 +199,7 @@ class TrainSpec(_Common):
     synthetic_val_size: int = Field(256, ge=1, le=10_000_000)
     max_train_batches: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
     max_val_batches: int | None = Field(None, ge=1)
-    log_every: int = Field(50, ge=1, description="optimizer steps between step-level metrics")
+    log_every: int = Field(50, ge=1, description="optimizer steps between step-level metrics (train_loss_step, lr)")
 
     @field_validator("rank")
     @classmethod

@@ -113,7 +113,7 @@ def test_interrupt_after_epoch_one_and_resume_equals_an_uninterrupted_run(tmp_pa
 
     # callbacks: step-level reports every 2 steps, epoch-level ones with every contract key
     assert [(s, e) for s, e, _ in full.steps] == [(2, 1), (4, 1), (6, 2), (8, 2)]
-    assert all(set(m) == {"train_loss", "lr"} for _, _, m in full.steps)
+    assert all(set(m) == {"train_loss_step", "lr"} for _, _, m in full.steps)
     assert [(s, e) for s, e, _ in full.epochs] == [(4, 1), (8, 2)]
     assert all(set(m) == EPOCH_KEYS for _, _, m in full.epochs)
     assert full.progress == sorted(full.progress) and full.progress[-1] == 1.0

@@ -204,13 +204,14 @@ def series(client: httpx.Client, job_id: str) -> dict[str, dict]:
 
 
 def assert_complete_train_metrics(client: httpx.Client, job_id: str, epochs: int) -> dict[str, dict]:
-    """Every optimizer step's train_loss exactly once, one val_top1 per epoch (the unique key makes a
-    double impossible in the table; a gap means a lost write)."""
+    """Every optimizer step's train_loss_step exactly once, one val_top1 and one (epoch-mean)
+    train_loss per epoch (the unique key makes a double impossible in the table; a gap means a lost write)."""
     s = series(client, job_id)
     total = epochs * TINY_TRAIN_STEPS_PER_EPOCH
-    assert s["train_loss"]["steps"] == list(range(1, total + 1)), s["train_loss"]["steps"]
-    assert s["train_loss"]["total"] == total
+    assert s["train_loss_step"]["steps"] == list(range(1, total + 1)), s["train_loss_step"]["steps"]
+    assert s["train_loss_step"]["total"] == total
     ends = [TINY_TRAIN_STEPS_PER_EPOCH * (e + 1) for e in range(epochs)]
     assert s["val_top1"]["steps"] == ends
+    assert s["train_loss"]["steps"] == ends
     assert s["epoch"]["total"] == total  # ("epoch", step) rows: one per step report and epoch end share steps
     return s

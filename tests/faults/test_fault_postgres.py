@@ -42,7 +42,7 @@ def _run(fault_client, fault_pg, spawn_worker, unique_tag, secured_url: str, tok
     worker = spawn_worker()
     job_id = submit(fault_client, {**TINY_TRAIN, "epochs": EPOCHS, "seed": 2}, unique_tag)
     wait_for(lambda: store.get_job(job_id).status == "running", 90, "the train job to start")
-    wait_for(lambda: "train_loss" in series(fault_client, job_id), 90, "the job's first metrics")
+    wait_for(lambda: "train_loss_step" in series(fault_client, job_id), 90, "the job's first metrics")
 
     fault_pg.stop()
     down_at = time.monotonic()

@@ -106,14 +106,39 @@ def web(context) -> Iterator[Page]:  # noqa: ANN001
     assert p.errors == [], p.errors
 
 
+# Keeps the module's one-slot worker busy until a test releases it (cancels it): see train_sweep.
+BLOCKER = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "image_size": 16, "init": "dense",
+           "epochs": 1000, "batch_size": 16, "synthetic_train_size": 32, "synthetic_val_size": 16, "lr": 0.01,
+           "tags": ["dash-blocker"]}
+
+
 @pytest.fixture(scope="module")
-def train_sweep(api_server, worker_process) -> dict:  # noqa: ANN001
+def train_sweep(api_server, worker_process) -> Iterator[dict]:  # noqa: ANN001
     """A train sweep over rank (2 points, 1 seed), the module's only training: the job page watches
-    its first job run; the sweep test (accuracy versus parameters) and the compare test use both."""
+    its first job run; the sweep test (accuracy versus parameters) and the compare test use both.
+
+    Its jobs are created while the worker runs a long blocker job, so they are certainly queued
+    when the job page opens (on an idle machine the tiny training would otherwise finish before
+    the page loads); `release(train_sweep)` cancels the blocker and lets them run."""
     body = {"name": "dash-train", "base": {**TRAIN, "tags": ["dash-train"]}, "grid": {"rank": [2, 4]}, "seeds": [0]}
-    r = httpx.post(f"{api_server.url}/api/v1/sweeps", json=body, timeout=30)
-    assert r.status_code == 201, r.text
-    return r.json()
+    with httpx.Client(base_url=api_server.url, timeout=30) as c:
+        blocker = c.post("/api/v1/jobs", json=BLOCKER).json()["id"]
+        try:
+            deadline = time.monotonic() + 90
+            while c.get(f"/api/v1/jobs/{blocker}").json()["status"] != "running":
+                assert time.monotonic() < deadline, "the blocker job did not start within 90 s"
+                time.sleep(0.1)
+            r = c.post("/api/v1/sweeps", json=body)
+            assert r.status_code == 201, r.text
+            yield {**r.json(), "blocker": blocker}
+        finally:
+            c.post(f"/api/v1/jobs/{blocker}/cancel")
+
+
+def release(client: httpx.Client, sweep: dict) -> None:
+    """Cancel train_sweep's blocker job (again is harmless): the sweep's jobs run next."""
+    r = client.post(f"/api/v1/jobs/{sweep['blocker']}/cancel")
+    assert r.status_code in (200, 409), r.text
 
 
 def wait_sweep(client: httpx.Client, sweep_id: str, timeout: float = 120.0) -> dict:
@@ -246,12 +271,17 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
     page = web.page
     page.goto(f"/jobs/{job_id}?{POLL}")
     page.evaluate("window.__noReload = 1")
-    seen: list[tuple[str, int]] = []  # (status on screen, train_loss points on screen)
+    try:
+        page.wait_for_function("() => document.getElementById('job-status').textContent === 'queued'",
+                               timeout=30_000)
+    finally:
+        release(client, train_sweep)
+    seen: list[tuple[str, int]] = [("queued", 0)]  # (status on screen, train_loss_step points on screen)
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         status, points = page.evaluate("""() => {
             const d = document.getElementById('plot-loss');
-            const t = d && d.data ? d.data.find(t => t.name === 'train_loss') : null;
+            const t = d && d.data ? d.data.find(t => t.name === 'train_loss_step') : null;
             return [document.getElementById('job-status').textContent, t ? t.x.length : 0]; }""")
         if not seen or seen[-1] != (status, points):
             seen.append((status, points))
@@ -263,17 +293,20 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
     assert any(s in ("queued", "running") for s in statuses), seen  # it changed on screen
     assert page.evaluate("window.__noReload") == 1
     running_points = [n for s, n in seen if s == "running"]
-    print(f"\non screen (status, train_loss points): {seen}")
+    print(f"\non screen (status, train_loss_step points): {seen}")
 
     job = client.get(f"/api/v1/jobs/{job_id}").json()
     series = {s["name"]: s for s in client.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]}
-    # Curves: loss (train, val), accuracy (train, val top-1, val top-5), lr; the API's points.
-    page.wait_for_function("() => document.getElementById('plot-loss').data.find(t => t.name === 'train_loss')"
-                           f".x.length === {len(series['train_loss']['steps'])}")
-    loss = {t["name"]: t for t in web.wait_traces("plot-loss", 2)}
-    assert set(loss) == {"train_loss", "val_loss"}
-    assert loss["train_loss"]["x"] == series["train_loss"]["steps"] == list(range(1, 5))  # 2 steps x 2 epochs
-    assert loss["train_loss"]["y"] == pytest.approx(series["train_loss"]["values"])
+    # Curves: loss (train per step, train per epoch, val), accuracy (train, val top-1, val top-5), lr;
+    # the API's points.
+    page.wait_for_function("() => document.getElementById('plot-loss').data.find(t => t.name === 'train_loss_step')"
+                           f".x.length === {len(series['train_loss_step']['steps'])}")
+    loss = {t["name"]: t for t in web.wait_traces("plot-loss", 3)}
+    assert set(loss) == {"train_loss_step", "train_loss", "val_loss"}
+    steps = loss["train_loss_step"]["x"]
+    assert steps == series["train_loss_step"]["steps"] == list(range(1, 5))  # 2 steps x 2 epochs
+    assert loss["train_loss_step"]["y"] == pytest.approx(series["train_loss_step"]["values"])
+    assert loss["train_loss"]["x"] == [2, 4] and loss["train_loss"]["y"] == pytest.approx(series["train_loss"]["values"])
     assert loss["val_loss"]["n"] == 2
     assert {t["name"] for t in web.wait_traces("plot-accuracy", 3)} == {"train_top1", "val_top1", "val_top5"}
     (lr,) = web.wait_traces("plot-lr", 1)
@@ -328,6 +361,7 @@ def test_sweep_page_plots_table_csv_and_screenshot(web, client, worker_process, 
                                                    tmp_path):
     """An approx sweep (rank x method, 3 seeds) opened while it runs: lines per method with a band,
     the numbers of the results API, band and log toggles, the table, the CSV download, a screenshot."""
+    release(client, train_sweep)
     body = {"name": "rank-vs-method", "base": {**APPROX, "tags": [unique_tag]},
             "grid": {"rank": [1, 2, 4, 8], "method": ["spectral", "nkp"]}, "seeds": [0, 1, 2]}
     r = client.post("/api/v1/sweeps", json=body)
@@ -404,6 +438,7 @@ def test_sweep_page_plots_table_csv_and_screenshot(web, client, worker_process, 
 
 @pytest.mark.timeout(200)
 def test_train_sweep_accuracy_versus_parameters_and_compare(web, client, train_sweep):
+    release(client, train_sweep)
     done = wait_sweep(client, train_sweep["id"], timeout=180)
     assert done["counts"]["succeeded"] == 2, done
     page = web.page

@@ -126,8 +126,12 @@ def test_train_job_end_to_end_and_resume_after_stale_heartbeat(client, wait_job,
     assert res["params_factored"] < res["params_dense"]
     assert res["resumed_from_epoch"] is None
     series = {s["name"]: s for s in client.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]}
-    assert {"train_loss", "val_top1", "val_loss", "lr"} <= set(series)
-    assert series["train_loss"]["steps"] == list(range(1, 9))  # 4 steps x 2 epochs, each exactly once
+    assert {"train_loss_step", "train_loss", "val_top1", "val_loss", "lr"} <= set(series)
+    assert series["train_loss_step"]["steps"] == list(range(1, 9))  # 4 steps x 2 epochs, each exactly once
+    # The epoch means have their own series, at each epoch's last step: never mixed into the step series.
+    assert series["train_loss"]["steps"] == [4, 8]
+    assert series["train_loss"]["values"][-1] == pytest.approx(res["train_loss"])
+    assert series["train_loss_step"]["values"][3] != pytest.approx(series["train_loss"]["values"][0])
     assert len(series["val_top1"]["values"]) == 2
     assert series["val_top1"]["values"][-1] == pytest.approx(res["val_top1"])
     names = {a["name"]: a for a in client.get(f"/api/v1/jobs/{job_id}/artifacts").json()}

@@ -51,14 +51,24 @@ def wait_store_job(job_id: str, timeout: float = 60.0) -> store.JobRecord:
 @pytest.mark.timeout(240)
 def test_cancel_queued_and_running_jobs(client, wait_job, unique_tag, worker_process):
     train_id = submit(client, LONG_TRAIN, unique_tag)
+    try:
+        _cancel_queued_and_running(client, wait_job, unique_tag, worker_process, train_id)
+    finally:
+        # Whatever failed above, the 200-epoch job must not keep the session's only worker slot busy
+        # for the tests after this one.
+        client.post(f"/api/v1/jobs/{train_id}/cancel")
 
+
+def _cancel_queued_and_running(client, wait_job, unique_tag, worker_process, train_id: str) -> None:
     def train_loss() -> list:
-        series = client.get(f"/api/v1/jobs/{train_id}/metrics", params={"name": "train_loss"}).json()["series"]
+        series = client.get(f"/api/v1/jobs/{train_id}/metrics", params={"name": "train_loss_step"}).json()["series"]
         return series[0]["steps"] if series else []
 
-    # Metrics stream while the job runs (batched: the heartbeat flushes rows older than 2 s).
+    # Metrics stream while the job runs (batched: rows are written once the oldest is 2 s old);
+    # progress is stored by the heartbeat (every second here), so it may trail the first rows by a beat.
     steps = wait_for(lambda: len(train_loss()) >= 3 and train_loss(), 120, "step metrics of the running job")
-    running = client.get(f"/api/v1/jobs/{train_id}").json()
+    running = wait_for(lambda: (j := client.get(f"/api/v1/jobs/{train_id}").json())["progress"] is not None and j,
+                       10, "the heartbeat to store the running job's progress")
     assert running["status"] == "running" and 0 < running["progress"] < 0.1
     assert steps[:3] == [1, 2, 3]
     # The only worker slot is busy: this one waits in Redis.

@@ -4,7 +4,7 @@
   const { api, el, fill, num, statusBadge, shortId, pointText } = LR;
   const ids = LR.pageData.job_ids || [];
   const MAX_POINTS = 300;
-  const ORDER = ["train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s"];
+  const ORDER = ["train_loss_step", "train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s"];
   const SKIP = new Set(["epoch"]);
   const ROWS = ["kind", "status", "sweep point", "seed", "error", "val_top1", "best_val_top1", "val_loss",
                 "params_factored", "params_dense", "rank", "method", "init", "time_s", "wall_time_s"];

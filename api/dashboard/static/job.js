@@ -6,7 +6,7 @@
   const MAX_POINTS = 300;  // per series, downsampled by the server
   // Series per plot; a plot shows those the job recorded.
   const PLOTS = [
-    { div: "plot-loss", title: "loss", names: ["train_loss", "val_loss"], ytitle: "loss" },
+    { div: "plot-loss", title: "loss", names: ["train_loss_step", "train_loss", "val_loss"], ytitle: "loss" },
     { div: "plot-accuracy", title: "accuracy", names: ["train_top1", "val_top1", "val_top5"], ytitle: "accuracy" },
     { div: "plot-lr", title: "learning rate", names: ["lr"], ytitle: "lr" },
   ];
