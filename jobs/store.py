@@ -380,6 +380,22 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
                            ("query", "cursor")) from None
 
 
+def newest_first(stmt, model, cursor: str | None, limit: int):  # noqa: ANN001, ANN201
+    """`stmt` ordered newest first on (created_at, id) of `model`, after `cursor`, limit + 1 rows
+    (the extra row says whether there is a next page: see page_rows)."""
+    if cursor:
+        when, last_id = _decode_cursor(cursor)
+        stmt = stmt.where(or_(model.created_at < when, and_(model.created_at == when, model.id < last_id)))
+    return stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+
+
+def page_rows(rows: list, limit: int) -> tuple[list, str | None]:
+    """The page's rows (at most `limit`) and the cursor of the next page (None on the last)."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (_encode_cursor(rows[-1].created_at, rows[-1].id) if more else None)
+
+
 def list_jobs(*, status: str | None = None, kind: str | None = None, sweep_id: str | uuid.UUID | None = None,
               tag: str | None = None, owner: str | None = None, limit: int = 50,
               cursor: str | None = None) -> JobPage:
@@ -397,15 +413,8 @@ def list_jobs(*, status: str | None = None, kind: str | None = None, sweep_id: s
         stmt = stmt.where(m.Job.owner == owner)
     if tag is not None:
         stmt = stmt.where(m.Job.id.in_(select(m.JobTag.job_id).where(m.JobTag.tag == tag)))
-    if cursor:
-        when, last_id = _decode_cursor(cursor)
-        stmt = stmt.where(or_(m.Job.created_at < when, and_(m.Job.created_at == when, m.Job.id < last_id)))
-    stmt = stmt.order_by(m.Job.created_at.desc(), m.Job.id.desc()).limit(limit + 1)
     with session_scope() as session:
-        rows = list(session.scalars(stmt))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].id) if more else None
+        rows, next_cursor = page_rows(list(session.scalars(newest_first(stmt, m.Job, cursor, limit))), limit)
     return JobPage([JobRecord.from_row(r) for r in rows], next_cursor)
 
 

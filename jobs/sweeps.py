@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
@@ -45,7 +45,7 @@ from jobs.db import session_scope
 from jobs.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 from jobs.settings import get_settings
 from jobs.specs import TEXT_PATTERN, parse_spec, queue_for, spec_to_dict
-from jobs.store import _encode_cursor, _decode_cursor, _now, _uuid, check_references
+from jobs.store import _now, _uuid, check_references, newest_first, page_rows
 
 log = logging.getLogger(__name__)
 
@@ -421,17 +421,11 @@ def list_sweeps(*, owner: str | None = None, kind: str | None = None, limit: int
         stmt = stmt.where(m.Sweep.owner == owner)
     if kind is not None:
         stmt = stmt.where(m.Sweep.kind == kind)
-    if cursor:
-        when, last = _decode_cursor(cursor)
-        stmt = stmt.where(or_(m.Sweep.created_at < when, and_(m.Sweep.created_at == when, m.Sweep.id < last)))
-    stmt = stmt.order_by(m.Sweep.created_at.desc(), m.Sweep.id.desc()).limit(limit + 1)
     with session_scope() as session:
-        rows = list(session.scalars(stmt))
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, next_cursor = page_rows(list(session.scalars(newest_first(stmt, m.Sweep, cursor, limit))), limit)
         counts = _counts(session, [r.id for r in rows])
         items = [_record(session, r, counts[r.id]) for r in rows]
-    return SweepPage(items, _encode_cursor(rows[-1].created_at, rows[-1].id) if more else None)
+    return SweepPage(items, next_cursor)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,6 +166,36 @@ def test_idempotency_key_creates_one_sweep(idle_client, unique_tag):
     idle_client.post(f"/api/v1/sweeps/{first.json()['id']}/cancel")
 
 
+def test_sweep_list_pages_newest_first_with_a_cursor(idle_client, unique_tag):
+    """Keyset pagination: pages of 2 chained by next_cursor visit every sweep once, newest first;
+    our 3 new sweeps come first, in reverse order of creation; a forged cursor is a 422."""
+    ids = []
+    for i in range(3):
+        r = idle_client.post("/api/v1/sweeps", json={"name": f"page {i}", "base": _approx_base(unique_tag),
+                                                      "grid": {"rank": [1]}, "seeds": [0]})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    seen, cursor, pages = [], None, 0
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = idle_client.get("/api/v1/sweeps", params=params).json()
+        assert len(page["items"]) <= 2
+        seen += [(sw["created_at"], sw["id"]) for sw in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    with session_scope() as s:
+        total = s.scalar(select(func.count()).select_from(m.Sweep))
+    assert len(seen) == len({sid for _, sid in seen}) == total and pages == -(-total // 2)
+    assert seen == sorted(seen, reverse=True)
+    assert [sid for _, sid in seen[:3]] == ids[::-1]
+    r = idle_client.get("/api/v1/sweeps", params={"cursor": "not-a-cursor"})
+    assert r.status_code == 422 and "cursor" in r.text
+    for sid in ids:
+        idle_client.post(f"/api/v1/sweeps/{sid}/cancel")
+
+
 def test_cancel_then_retry_cancelled(idle_client, unique_tag):
     """No worker consumes the idle API's queues: the jobs stay queued, cancel makes them all cancelled,
     retry-failed?include_cancelled puts them back in the queue."""
