@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
@@ -32,6 +33,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     migrate.require_head(settings.database_url)
     settings.artifacts.mkdir(parents=True, exist_ok=True)
     app.state.celery = make_celery(settings)
+    # The sync route handlers run in anyio's default thread limiter (per event loop, so per process).
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = settings.api_threads
+    app.state.thread_limiter = limiter
     yield
     app.state.celery.close()
     dispose_engines()

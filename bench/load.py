@@ -45,15 +45,19 @@ GOAL_RPS, GOAL_P99_MS = 300.0, 100.0
 def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[dict[str, Any]]:
     """Scratch database + unique queue prefix + uvicorn (`workers` processes); all removed at the end.
 
-    server: "lowrank" runs `lowrank api` (uvicorn picks uvloop and httptools when installed, as in
-    production); "asyncio-h11" runs the same app under uvicorn with the pure-Python event loop and
-    HTTP parser (the set-up before uvloop/httptools were dependencies), for the same-run ratio."""
+    server: "lowrank" runs `lowrank api` as shipped (uvicorn picks uvloop and httptools; handler
+    threads per process: the api_threads setting's default); "threads-40" the same with
+    LOWRANK_API_THREADS=40 (anyio's default, what ran before the setting existed); "asyncio-h11" the
+    same app under uvicorn's pure-Python event loop and HTTP parser with 40 threads (the set-up before
+    uvloop/httptools were dependencies). Same run, so the ratios compare like with like."""
     with scratch.service(workdir / "home", "load", in_process=False) as stack, socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         sock.close()
         env = {**os.environ, **stack["env"]}
-        if server == "lowrank":
+        if server != "lowrank":
+            env["LOWRANK_API_THREADS"] = "40"
+        if server in ("lowrank", "threads-40"):
             argv = [sys.executable, "-m", "lowrank", "api", "--host", "127.0.0.1", "--port", str(port),
                     "--workers", str(workers), "--log-level", "warning"]
         else:
@@ -190,8 +194,9 @@ def _verify(stack: dict[str, Any], tag: str, ids: list[str]) -> dict[str, Any]:
             "messages_match": set(queued_mine) == mine}
 
 
-SERVERS = {"lowrank": "`lowrank api` (uvloop + httptools, picked by uvicorn)",
-           "asyncio-h11": "uvicorn with `--loop asyncio --http h11` (before)"}
+SERVERS = {"asyncio-h11": "asyncio + h11, 40 threads (before uvloop)",
+           "threads-40": "uvloop + httptools, 40 threads (before LOWRANK_API_THREADS)",
+           "lowrank": "`lowrank api` as shipped: uvloop + httptools, 4 threads"}
 
 
 def _measure(cfg: dict[str, Any], workdir: Path, server: str) -> dict[str, Any]:
@@ -225,7 +230,7 @@ def run(quick: bool) -> None:
     load_before = os.getloadavg()
     by_server: dict[str, dict[str, Any]] = {}
     # Before first, then after: alternate order would not help on a machine whose load drifts by minutes.
-    for server in ("asyncio-h11", "lowrank"):
+    for server in SERVERS:
         with tempfile.TemporaryDirectory(prefix="lowrank-load-") as tmp:
             by_server[server] = _measure(cfg, Path(tmp), server)
     load_after = os.getloadavg()
@@ -244,8 +249,17 @@ def run(quick: bool) -> None:
         for server, res in by_server.items() for label, r in res.items())
     base = by_server["asyncio-h11"]["closed loop"]
     ratio = closed["rps"] / base["rps"]
+    threads40 = by_server["threads-40"]["closed loop"]
+    ratio_threads = closed["rps"] / threads40["rps"]
     met_closed = closed["rps"] >= GOAL_RPS and closed["p99_ms"] < GOAL_P99_MS
     met_paced = paced["rps"] >= 0.97 * (paced["rate_target"] or 0) and paced["p99_ms"] < GOAL_P99_MS
+    spread = closed["p99_ms"] * closed["rps"] / (1000 * cfg["clients"])  # p99 / mean latency
+    closed_note = (
+        f"  With {cfg['clients']} clients always waiting on an answer, Little's law ties the two: mean latency =\n"
+        f"  clients / throughput = {1000 * cfg['clients'] / closed['rps']:.0f} ms here, p99 {spread:.1f}x the mean"
+        + ("." if met_closed else
+           f"; with that spread p99 < {GOAL_P99_MS:.0f} ms would need about "
+           f"{spread * cfg['clients'] * 1000 / GOAL_P99_MS:,.0f} req/s."))
     md = f"""# Load: concurrent job submissions (POST /api/v1/jobs)
 
 {common.environment_header()}
@@ -254,16 +268,19 @@ Setup: {cfg['api_workers']} uvicorn worker processes on a scratch Postgres datab
 queue prefix), no Celery worker; {cfg['clients']} clients, each one keep-alive HTTP/1.1 connection (a
 minimal asyncio client, so the load generator competes for the same 2 CPUs as little as possible).
 Each submission is a tiny approx spec with a distinct seed. Latency is measured by the client from
-sending the request to reading the whole response. The same runs twice in this process, each on a
-fresh database: first the app under uvicorn's pure-Python event loop and HTTP parser (asyncio + h11,
-what `lowrank api` ran before uvloop and httptools became dependencies), then `lowrank api` as
-shipped (uvicorn picks uvloop + httptools). Load average (1 min, 2 CPUs) is given per run.
+sending the request to reading the whole response. The same runs three times in this process, each
+on a fresh database: the app under uvicorn's pure-Python event loop and HTTP parser with anyio's
+default 40 handler threads per process (asyncio + h11: before uvloop and httptools became
+dependencies); the same with uvloop + httptools (before the `api_threads` setting); and `lowrank api`
+as shipped, whose sync handlers run on LOWRANK_API_THREADS (default 4) threads per process: fewer
+threads contending for the GIL. Load average (1 min, 2 CPUs) is given per run.
 
 | server | run | clients | jobs | offered rate | req/s | p50 ms | p90 ms | p99 ms | max ms | rows / messages | errors | load avg |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
-Closed-loop throughput, `lowrank api` / asyncio + h11 in this run: {ratio:.2f}x.
+Closed-loop throughput in this run, `lowrank api` as shipped / 40 threads: {ratio_threads:.2f}x (p99 {closed['p99_ms']:.0f} ms vs
+{threads40['p99_ms']:.0f} ms); / asyncio + h11 with 40 threads: {ratio:.2f}x.
 Machine load (1-min load average, 2 CPUs) at start {load_before[0]:.1f}, at end {load_after[0]:.1f}; CPUs busy
 {100 * busy_before:.0f}% in the 2 s before the run:
 {"the machine was busy with other work when this run started, so these numbers understate what the API does on an idle 2-core machine." if busy_before > 0.25 else "the machine was otherwise idle when the run started (the load during it is the API, Postgres, Redis and the clients themselves)."}
@@ -272,10 +289,7 @@ Exactly once: {"every run stored each job once (Postgres rows with the run's tag
 
 Goal (>= {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick mode: smaller numbers" if quick else "full run"}), `lowrank api`:
 * closed loop, {cfg['clients']} clients flat out: {closed['rps']:.0f} req/s, p99 {closed['p99_ms']:.0f} ms: {"met" if met_closed else "NOT met"}.
-  With {cfg['clients']} clients always waiting on an answer, Little's law ties the two: mean latency =
-  clients / throughput = {1000 * cfg['clients'] / closed['rps']:.0f} ms here; with this run's spread (p99 =
-  {closed['p99_ms'] * closed['rps'] / (1000 * cfg['clients']):.1f}x the mean), p99 < {GOAL_P99_MS:.0f} ms with {cfg['clients']} clients always waiting would need about
-  {closed['p99_ms'] * closed['rps'] / (1000 * cfg['clients']) * cfg['clients'] * 1000 / GOAL_P99_MS:,.0f} req/s. Flat out is not the goal's load: the paced run at the goal's rate is.
+{closed_note}
 * paced at {paced['rate_target']:.0f} submissions/s (open loop, {cfg['clients']} clients): {paced['rps']:.0f} req/s achieved,
   p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms: {"met" if met_paced else "NOT met"}.
 
@@ -290,6 +304,7 @@ the threadpool of each of the {cfg['api_workers']} processes.
     data: dict[str, Any] = strip(results)
     data["servers"] = {server: strip(res) for server, res in by_server.items()}
     data["ratio_closed_rps"] = ratio
+    data["ratio_closed_rps_vs_40_threads"] = ratio_threads
     data["exactly_once"] = ok
     data["loadavg"] = {"start": load_before[0], "end": load_after[0]}
     data["cpu_busy_before"] = busy_before

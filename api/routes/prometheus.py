@@ -10,6 +10,8 @@ Redis) at scrape time, so every API process reports the same numbers and nothing
     lowrank_worker_running_jobs{worker}             running jobs per worker (Celery node name)
     lowrank_worker_heartbeat_age_seconds{worker}    seconds since that worker's latest heartbeat
     lowrank_database_up                             1 if the database answered this scrape, else 0
+    lowrank_api_threads{state}                      this API process's request-handler threads:
+                                                    "limit" (LOWRANK_API_THREADS) and "busy" (in use)
     process_*                                       the API process itself (CPU, memory, open files)
 
 The two queue measures are kept apart on purpose: the broker's depth is what workers will receive,
@@ -135,6 +137,25 @@ class ServiceCollector(Collector):
         return fams
 
 
+class ThreadPoolCollector(Collector):
+    """The per-process limit and use of the threads that run sync handlers (busy == limit means
+    requests are waiting for a thread: raise LOWRANK_API_THREADS or add API processes)."""
+
+    def __init__(self, app_state: object) -> None:
+        self.app_state = app_state
+
+    def collect(self) -> Iterator[Metric]:
+        limiter = getattr(self.app_state, "thread_limiter", None)
+        if limiter is None:  # the app's lifespan has not run (never the case under uvicorn)
+            return
+        fam = GaugeMetricFamily("lowrank_api_threads", "Request-handler threads of this API process: the limit "
+                                "(LOWRANK_API_THREADS) and how many are busy (this scrape's own included)",
+                                labels=["state"])
+        fam.add_metric(["limit"], float(limiter.total_tokens))
+        fam.add_metric(["busy"], float(limiter.borrowed_tokens))
+        yield fam
+
+
 _lock = threading.Lock()
 
 
@@ -149,6 +170,7 @@ def metrics_registry(app_state: object, settings: Settings | None = None) -> Col
             if registry is None:
                 registry = CollectorRegistry()
                 registry.register(ServiceCollector(settings or get_settings()))
+                registry.register(ThreadPoolCollector(app_state))
                 ProcessCollector(registry=registry)
                 setattr(app_state, "prometheus_registry", registry)
     return registry

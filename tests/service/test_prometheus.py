@@ -112,7 +112,8 @@ def test_metrics_report_exact_job_states(own_database: str, spawn_api: Callable,
         enqueue_job(celery, queued[0], "gpu", "high")
         enqueue_job(celery, queued[1], "gpu", "high")
         enqueue_job(celery, queued[2], "cpu", "normal")
-        api = spawn_api(env={"LOWRANK_DATABASE_URL": own_database, "LOWRANK_QUEUE_PREFIX": prefix})
+        api = spawn_api(env={"LOWRANK_DATABASE_URL": own_database, "LOWRANK_QUEUE_PREFIX": prefix,
+                             "LOWRANK_API_THREADS": "3"})
         m = scrape(api.url)
         lag = (dt.datetime.now(dt.timezone.utc) - now).total_seconds()
     finally:
@@ -169,8 +170,11 @@ def test_metrics_report_exact_job_states(own_database: str, spawn_api: Callable,
     workers = {dict(labels)["worker"] for (name, labels) in m if name == "lowrank_worker_running_jobs"}
     assert workers == {"worker@n1-gpu0", "worker@n1-gpu1"}
 
-    # The API process's own metrics come along.
+    # The API process's own metrics come along, with its handler threads: the configured limit,
+    # and the one this scrape itself runs in (the route is sync).
     assert value(m, "process_resident_memory_bytes") > 0
+    assert value(m, "lowrank_api_threads", state="limit") == 3
+    assert 1 <= value(m, "lowrank_api_threads", state="busy") <= 3
 
 
 def test_metrics_follow_state_changes(client: httpx.Client, wait_job: Callable, unique_tag: str,
