@@ -249,6 +249,12 @@ def test_retry_failed_reruns_only_the_failed_jobs(client, worker_process, wait_j
 
 
 @pytest.mark.timeout(420)
+def _es_base(tag: str) -> dict:
+    return {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
+            "include": ["layer1.0.conv1"], "epochs": 2, "batch_size": 32, "synthetic_train_size": 128,
+            "synthetic_val_size": 32, "lr": 0.01, "schedule": "constant", "log_every": 1, "tags": [tag]}
+
+
 def test_early_stopping_cancels_the_worse_points(client, worker_process, unique_tag):
     """Successive halving on a train sweep, judged by the worker after each epoch's metrics. The metric
     is the learning rate recorded at epoch ends (a constant schedule), so which points are worse is
@@ -256,9 +262,7 @@ def test_early_stopping_cancels_the_worse_points(client, worker_process, unique_
     min_points=1 each point is judged on reaching epoch 1 against all values so far, keeping the best
     half: point lr=0.01 is kept and trains both epochs, lr=0.02 and 0.04 are each worse than the
     ceil(n/2)-th best when they arrive, and are cancelled during epoch 2."""
-    base = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
-            "include": ["layer1.0.conv1"], "epochs": 2, "batch_size": 32, "synthetic_train_size": 128,
-            "synthetic_val_size": 32, "lr": 0.01, "schedule": "constant", "log_every": 1, "tags": [unique_tag]}
+    base = _es_base(unique_tag)
     rule = {"metric": "lr", "mode": "min", "epochs": [1], "keep": 0.5, "min_points": 1}
     r = client.post("/api/v1/sweeps", json={"name": "es", "base": base, "grid": {"lr": [0.01, 0.02, 0.04]},
                                             "early_stopping": rule})
@@ -282,3 +286,28 @@ def test_early_stopping_cancels_the_worse_points(client, worker_process, unique_
     assert kept["n"] == 1 and kept["mean"] == pytest.approx(jobs[0.01]["result"]["val_top1"])
     assert kept["params"] == jobs[0.01]["result"]["params_factored"]
     assert all(r_["n"] == 0 for r_ in table["rows"] if r_["point"] != {"lr": 0.01})
+
+
+@pytest.mark.timeout(400)
+def test_early_stopping_default_waits_for_every_point(client, worker_process, unique_tag):
+    """The default rule (no min_points: synchronous successive halving) judges a milestone only once
+    every point has a value there. One worker runs the points in order, so points lr=0.01 and 0.02
+    finish both epochs before lr=0.04 reaches epoch 1; then all three are compared at once, the best
+    ceil(0.5 * 3) = 2 are kept and lr=0.04 is cancelled during its epoch 2. (With min_points=1, as
+    above, lr=0.02 would have been stopped on arrival.)"""
+    rule = {"metric": "lr", "mode": "min", "epochs": [1], "keep": 0.5}
+    r = client.post("/api/v1/sweeps", json={"name": "es-sync", "base": _es_base(unique_tag),
+                                            "grid": {"lr": [0.01, 0.02, 0.04]}, "early_stopping": rule})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    done = wait_sweep(client, sid, timeout=360)
+    jobs = {j["sweep_point"]["lr"]: j for j in _sweep_jobs(client, sid)}
+    for lr in (0.01, 0.02):
+        assert jobs[lr]["status"] == "succeeded" and jobs[lr]["result"]["epochs"] == 2, (lr, jobs[lr]["error"])
+    assert jobs[0.04]["status"] == "cancelled", (jobs[0.04]["status"], jobs[0.04]["error"])
+    series = {s["name"]: s for s in client.get(f"/api/v1/jobs/{jobs[0.04]['id']}/metrics").json()["series"]}
+    assert len(series["val_top1"]["steps"]) == 1  # reached the milestone, stopped before epoch 2 ended
+    decisions = done["early_stopping"]["decisions"]["1"]
+    assert decisions["decided"] == {"0": "kept", "1": "kept", "2": "stopped"}
+    assert sorted(decisions["values"].values()) == pytest.approx([0.01, 0.02, 0.04])
+    assert done["counts"] == {**done["counts"], "succeeded": 2, "cancelled": 1}
