@@ -201,6 +201,21 @@ class _TrainHooks:
         return self.ctx.should_stop()
 
 
+def allow_child_processes() -> None:
+    """Let this process start DataLoader worker processes.
+
+    Celery's prefork pool runs tasks in daemonic processes, and `multiprocessing` refuses to start
+    children of a daemon ("daemonic processes are not allowed to have children"), so a train job with
+    num_workers > 0 failed in a worker. Clearing the flag is safe here: PyTorch's DataLoader workers
+    watch their parent and exit when it dies (a hard time limit's SIGKILL, a killed worker), and the
+    iterator shuts them down when training ends, fails or is cancelled."""
+    import multiprocessing
+
+    proc = multiprocessing.current_process()
+    if proc._config.get("daemon"):  # noqa: SLF001 - the flag `Process.daemon` refuses to change once started
+        proc._config["daemon"] = False  # noqa: SLF001
+
+
 def run_train(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     """Train with checkpoints under <artifacts>/<job>/checkpoints, resuming one a previous attempt left.
 
@@ -212,6 +227,8 @@ def run_train(spec: TrainSpec, ctx: JobContext) -> dict[str, Any]:
     from core.train import TrainCallbacks, TrainConfig, TrainingCancelled, train
 
     config = TrainConfig.from_dict(train_config_dict(spec))
+    if config.num_workers > 0:
+        allow_child_processes()
     ckpt_dir = ctx.artifact_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = (ckpt_dir / "last.pt").exists()  # a re-queued job continues where the dead worker stopped

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,30 @@ def test_train_job_end_to_end_and_resume_after_stale_heartbeat(client, wait_job,
     assert again["attempts"] == 2 and again["worker"] != "ghost@nowhere:1"
     assert again["result"]["resumed_from_epoch"] == 2
     assert again["result"]["val_top1"] == pytest.approx(res["val_top1"])  # nothing trained twice
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids |= {int(k) for k in (task / "children").read_text().split()}
+    return kids
+
+
+@pytest.mark.timeout(180)
+def test_train_job_with_dataloader_worker_processes(client, wait_job, unique_tag):
+    """num_workers > 0 inside Celery's prefork pool, whose task processes are daemonic (multiprocessing
+    refused to start their children: the job failed). The job succeeds, its summary records the two
+    loader workers, and none of them outlives the job."""
+    spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
+            "include": ["layer1.0.conv1"], "epochs": 2, "batch_size": 32, "synthetic_train_size": 64,
+            "synthetic_val_size": 32, "num_workers": 2, "tags": [unique_tag]}
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job = wait_job(client, r.json()["id"], timeout=150)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["epochs"] == 2 and job["result"]["config"]["num_workers"] == 2
+    pool_pid = int(job["worker"].rsplit(":", 1)[1])
+    deadline = time.monotonic() + 10
+    while _children(pool_pid) and time.monotonic() < deadline:  # loader workers exit as the epoch ends
+        time.sleep(0.2)
+    assert _children(pool_pid) == set()
