@@ -231,19 +231,23 @@ def _watch(c, sweep_id: str, interval: float, timeout: float | None, *, quiet: b
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from rich.text import Text
+
     console = Console(stderr=quiet)
+    # The bar keeps to one short line (it must fit 80 columns); the counts get their own line.
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console)
     sweep = c.get_sweep(sweep_id)
-    task = bar.add_task(sweep.get("name") or sweep_id, total=sweep["total"])
+    task = bar.add_task(sweep["status"], total=sweep["total"])
     deadline = None if timeout is None else time.monotonic() + timeout
     with Live(Group(bar), console=console, refresh_per_second=4, transient=quiet) as live:
         while True:
             sweep = c.get_sweep(sweep_id)
             done = sum(sweep["counts"][s] for s in TERMINAL)
-            bar.update(task, completed=done, description=_progress_line(sweep))
+            bar.update(task, completed=done, description=sweep["status"])
             table = c.results_table(sweep_id)
-            live.update(Group(_results_rich_table(table), bar))
+            live.update(Group(_results_rich_table(table, title=sweep.get("name") or sweep_id),
+                              Text(_progress_line(sweep)), bar))
             if sweep["counts"]["queued"] + sweep["counts"]["running"] == 0:
                 return sweep
             if deadline is not None and time.monotonic() > deadline:

@@ -94,6 +94,9 @@ def test_cli_commands_json_parses_and_errors_are_one_line(api_server, worker_pro
     assert sweep["counts"]["succeeded"] == 8 and sweep["grid"] == {"rank": [1, 2], "method": ["spectral", "nkp"]}
     sid = sweep["id"]
 
+    watched = lowrank("sweep", "watch", sid, "--interval", "0.2", "--timeout", "30", url=url)  # the live table
+    assert watched.returncode == 0, watched.stderr
+    assert "spectral" in watched.stdout and "nkp" in watched.stdout and "8/8" in watched.stdout
     shown = json.loads(lowrank("sweep", "show", sid, "--json", url=url).stdout)
     assert shown["id"] == sid and shown["progress"] == 1.0
     listed = json.loads(lowrank("sweep", "list", "--json", url=url).stdout)
