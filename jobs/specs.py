@@ -191,7 +191,7 @@ class TrainSpec(_Common):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field("cpu", validate_default=True)  # checked against amp
     devices: int = Field(1, ge=1, le=MAX_JOB_DEVICES,
                          description="GPUs of one node for one job (device=cuda; >1 runs DDP under torchrun)")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
@@ -262,6 +262,15 @@ class TrainSpec(_Common):
             raise ValueError(f"data_root {root!r} is not under an allowed root (LOWRANK_DATA_ROOTS = "
                              f"{[str(a) for a in allowed]})")
         return str(path)
+
+    @field_validator("device")
+    @classmethod
+    def _amp_needs_cuda(cls, device: str, info: ValidationInfo) -> str:
+        amp = info.data.get("amp")
+        if amp not in (None, "none") and device != "cuda":
+            raise ValueError(f"amp={amp!r} is mixed precision on a GPU: it needs device='cuda' "
+                             f"(got {device!r}); use amp='none' on cpu")
+        return device
 
     @field_validator("devices")
     @classmethod

@@ -200,6 +200,7 @@ BAD_SPECS = [
     ("bad layer in include", {**TRAIN, "include": ["layer1/conv"]}, ["train", "include"], "dotted layer name"),
     ("too many epochs", {**TRAIN, "epochs": 10**6}, ["train", "epochs"], "LOWRANK_MAX_EPOCHS"),
     ("bad amp", {**TRAIN, "amp": "fp8"}, ["train", "amp"], "'bf16'"),
+    ("amp on cpu", {**TRAIN, "amp": "bf16"}, ["train", "device"], "amp='bf16' is mixed precision on a GPU"),
     ("imagefolder outside roots", {**TRAIN, "dataset": "imagefolder", "data_root": "/etc"}, ["train", "data_root"],
      "LOWRANK_DATA_ROOTS"),
     ("negative seed", approx(seed=-1), ["approx", "seed"], "greater than or equal to 0"),
