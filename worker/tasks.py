@@ -69,6 +69,7 @@ class MetricsBuffer:
         self.rows: list[tuple[str, int, float]] = []
         self.first_at: float | None = None
         self.written = 0
+        self.failures = 0  # consecutive failed writes
         self._lock = threading.Lock()
         # Sweep early stopping (jobs/sweeps.py): rows named in `urgent` are written at once, and
         # `after_write(rows)` runs after each successful write.
@@ -100,15 +101,24 @@ class MetricsBuffer:
                     return
                 try:
                     store.record_metrics(self.job_id, list(self.rows))
-                except Exception:
-                    log.warning("job %s: writing %d metric rows failed (attempt %d/%d)", self.job_id,
-                                len(self.rows), attempt + 1, attempts, exc_info=True)
+                except Exception as exc:
+                    # The first failure of a run of failures carries the traceback; the rest (a database
+                    # outage retried every second) one line each, so the log stays readable.
+                    self.failures += 1
+                    log.warning("job %s: writing %d metric rows failed (attempt %d/%d; %d in a row): %s: %s",
+                                self.job_id, len(self.rows), attempt + 1, attempts, self.failures,
+                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                                exc_info=self.failures == 1)
                     if attempt + 1 == attempts:
                         if raise_errors:
                             raise
                         return
                     time.sleep(backoff_s * (attempt + 1))
                     continue
+                if self.failures:
+                    log.info("job %s: metric rows written again after %d failed attempts", self.job_id,
+                             self.failures)
+                    self.failures = 0
                 self.written += len(self.rows)
                 written, self.rows = self.rows, []
                 self.first_at = None
