@@ -63,8 +63,8 @@ class TrainCallbacks:
     val_top5, lr, epoch_time_s, images_per_s (train_loss and train_top1: means over the epoch); and
     every `log_every` optimizer steps with train_loss_step (the mean since the previous step-level
     report) and lr. The two loss statistics have different names because an epoch's last step can
-    carry both: a stored series (unique on name + step) then never mixes them. `step` counts optimizer steps from 1,
-    `epoch` counts from 1. on_progress(frac): fraction of all steps done, in [0, 1].
+    carry both: a stored series (unique on name + step) then never mixes them. `step` counts
+    optimizer steps from 1, `epoch` counts from 1. on_progress(frac): fraction of all steps done, in [0, 1].
     should_stop(): polled between steps; True makes `train` raise TrainingCancelled (keep it cheap).
     """
 

@@ -230,7 +230,6 @@ def _watch(c, sweep_id: str, interval: float, timeout: float | None, *, quiet: b
     from rich.console import Console, Group
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from rich.text import Text
 
     console = Console(stderr=quiet)
