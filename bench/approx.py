@@ -222,7 +222,7 @@ Errors are the normalized closed-form function error L(UV)/L(0) (MATH.md Section
 W is Gaussian with N(0, 1/d) entries (`gaussian_weights(m, d, seed=0)`, float32). `reference` is
 L-BFGS on the closed form over (U, V), started from the better of nkp and spectral
 ({cfg['ref_iter_rank']} iterations in table 1, {cfg['ref_iter_dim']} in table 2). NKP uses its defaults
-(max_iter 200, tol 1e-7, no restarts, accelerated MM). Times are wall-clock on a shared machine.
+(max_iter 200, tol 1e-7, no restarts, accelerated MM). Times are wall-clock (the header gives the machine's load average when the table was written).
 
 ## 1. Error versus rank (m = {cfg['rank_m']}, d = {cfg['rank_d']})
 
