@@ -3,9 +3,11 @@ retry-failed, validation with nothing written, idempotency, size limit, early st
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import statistics
 import time
+import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -180,7 +182,8 @@ def test_sweep_list_pages_newest_first_with_a_cursor(idle_client, unique_tag):
         params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         page = idle_client.get("/api/v1/sweeps", params=params).json()
         assert len(page["items"]) <= 2
-        seen += [(sw["created_at"], sw["id"]) for sw in page["items"]]
+        seen += [(dt.datetime.fromisoformat(sw["created_at"].replace("Z", "+00:00")), uuid.UUID(sw["id"]))
+                 for sw in page["items"]]
         pages += 1
         cursor = page["next_cursor"]
         if cursor is None:
@@ -189,7 +192,7 @@ def test_sweep_list_pages_newest_first_with_a_cursor(idle_client, unique_tag):
         total = s.scalar(select(func.count()).select_from(m.Sweep))
     assert len(seen) == len({sid for _, sid in seen}) == total and pages == -(-total // 2)
     assert seen == sorted(seen, reverse=True)
-    assert [sid for _, sid in seen[:3]] == ids[::-1]
+    assert [str(sid) for _, sid in seen[:3]] == ids[::-1]
     r = idle_client.get("/api/v1/sweeps", params={"cursor": "not-a-cursor"})
     assert r.status_code == 422 and "cursor" in r.text
     for sid in ids:
