@@ -331,7 +331,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        page = c.jobs(status=args.status, kind=args.kind, sweep=args.sweep, tag=args.tag, limit=args.limit)
+        page = c.jobs(status=args.status, kind=args.kind, sweep=args.sweep, tag=args.tag, limit=args.limit,
+                      cursor=args.cursor)
     if args.json:
         print_json(page)
         return 0
@@ -346,6 +347,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         prog = "" if j.get("progress") is None else f"{100 * j['progress']:.0f}%"
         t.add_row(j["id"], j["kind"], j["status"], label, prog, j["created_at"][:19])
     Console().print(t)
+    if page.get("next_cursor"):  # on stderr, so the table stays clean to pipe
+        print(f"more jobs: lowrank jobs ... --cursor {page['next_cursor']}", file=sys.stderr)
     return 0
 
 
@@ -492,7 +495,8 @@ def register(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p.add_argument("--kind", choices=("approx", "learn", "train"))
     p.add_argument("--sweep", help="jobs of this sweep")
     p.add_argument("--tag")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="jobs per page (1..1000)")
+    p.add_argument("--cursor", help="the next page: next_cursor of the previous page (--json) or the hint printed")
     _conn_args(p, read=True)
     p.set_defaults(handler=_run(cmd_jobs))
 

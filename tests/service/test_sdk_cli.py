@@ -110,6 +110,13 @@ def test_cli_commands_json_parses_and_errors_are_one_line(api_server, worker_pro
     assert r.returncode == 0 and "spectral" in r.stdout and "mean" in r.stdout
     jobs = json.loads(lowrank("jobs", "--sweep", sid, "--json", url=url).stdout)
     assert len(jobs["items"]) == 8
+    first = json.loads(lowrank("jobs", "--sweep", sid, "--limit", "5", "--json", url=url).stdout)
+    rest = json.loads(lowrank("jobs", "--sweep", sid, "--limit", "5", "--cursor", first["next_cursor"], "--json",
+                              url=url).stdout)
+    assert len(first["items"]) == 5 and len(rest["items"]) == 3 and rest["next_cursor"] is None
+    assert [j["id"] for j in first["items"] + rest["items"]] == [j["id"] for j in jobs["items"]]
+    table = lowrank("jobs", "--sweep", sid, "--limit", "5", url=url)  # the table form names the next page
+    assert table.returncode == 0 and f"--cursor {first['next_cursor']}" in table.stderr
     assert json.loads(lowrank("jobs", "--status", "succeeded", "--json", url=url).stdout)["items"]
     logs = json.loads(lowrank("logs", job["id"], "--json", url=url).stdout)
     assert logs["job"]["id"] == job["id"] and "series" in logs["metrics"]
@@ -135,7 +142,9 @@ def test_cli_commands_json_parses_and_errors_are_one_line(api_server, worker_pro
                  ("sweep", "create", "--base", str(base), "--grid", "rank"),
                  ("results", sid, "--metric", "nope"),
                  ("sweep", "show", "00000000-0000-0000-0000-000000000000"),
-                 ("cancel", "not-a-uuid")):
+                 ("cancel", "not-a-uuid"),
+                 ("jobs", "--limit", "0"),
+                 ("jobs", "--cursor", "forged")):
         r = lowrank(*argv, url=url)
         assert r.returncode == 2, (argv, r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error"), (argv, r.stderr)
