@@ -232,6 +232,41 @@ def test_index_lists_jobs_live_and_selects_for_compare(web, client, worker_proce
     assert page.is_visible("#compare-empty")  # approx jobs record no curves
 
 
+@pytest.mark.timeout(120)
+def test_index_pages_through_older_jobs(web, idle_client, unique_tag):
+    """55 jobs under one tag (queued on the idle API: the same database, no worker takes them): the
+    first page shows the newest 50, "older" the other 5 and keeps them while it polls, "newer" goes
+    back to the first 50."""
+    ids = []
+    for i in range(55):
+        r = idle_client.post("/api/v1/jobs", json={**APPROX, "tags": [unique_tag], "name": f"page-{i}"})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    newest_first = ids[::-1]
+    page = web.page
+
+    def shown(n: int) -> list[str]:
+        page.wait_for_function(f"() => document.querySelectorAll('#jobs-table tbody tr').length === {n}")
+        return [row.get_attribute("data-job-id") for row in page.query_selector_all("#jobs-table tbody tr")]
+
+    try:
+        page.goto(f"/?tag={unique_tag}&{POLL}")
+        assert shown(50) == newest_first[:50]
+        assert page.is_disabled("#jobs-newer") and page.is_enabled("#jobs-older")
+        assert "older jobs on the next page" in page.inner_text("#jobs-summary")
+        page.click("#jobs-older")
+        assert shown(5) == newest_first[50:]
+        assert page.is_enabled("#jobs-newer") and page.is_disabled("#jobs-older")
+        assert page.inner_text("#jobs-summary").startswith("5 shown (page 2)")
+        time.sleep(0.8)  # a few polls (every 250 ms here) later, still the older page
+        assert shown(5) == newest_first[50:]
+        page.click("#jobs-newer")
+        assert shown(50) == newest_first[:50] and page.is_disabled("#jobs-newer")
+    finally:
+        for job_id in ids:
+            idle_client.post(f"/api/v1/jobs/{job_id}/cancel")
+
+
 @pytest.mark.timeout(60)
 def test_long_series_are_downsampled_on_the_server(web, client, worker_process, wait_job, unique_tag):
     """2,000 points of a series (written through the worker's store call) reach the page as at most

@@ -51,15 +51,34 @@
       el("td", { class: "num" }, duration(job)));
   }
 
+  // Pages, newest first: "older" follows the API's next_cursor, "newer" walks back through the
+  // cursors already seen. Polling refreshes the page shown (on the first page new jobs appear on top).
+  const newer = [];          // cursors of the pages before the one shown (null: the first page)
+  let cursor = null;         // the shown page's cursor (null: the newest jobs)
+  let nextCursor = null;
+  let request = 0;           // only the latest request may fill the table (a poll may overtake a click)
+  const olderButton = document.getElementById("jobs-older");
+  const newerButton = document.getElementById("jobs-newer");
+  function goTo(c) { cursor = c; refreshJobs().catch(LR.showError); }
+  olderButton.addEventListener("click", () => { if (nextCursor) { newer.push(cursor); goTo(nextCursor); } });
+  newerButton.addEventListener("click", () => { if (newer.length) goTo(newer.pop()); });
+
   async function refreshJobs() {
     const q = query();
+    if (cursor) q.set("cursor", cursor);
+    const mine = ++request;
     const page = await api("/api/v1/jobs?" + q.toString());
+    if (mine !== request) return;
+    nextCursor = page.next_cursor;
+    olderButton.disabled = !nextCursor;
+    newerButton.disabled = newer.length === 0;
     fill(document.querySelector("#jobs-table tbody"), page.items.map(jobRow));
     document.getElementById("jobs-empty").hidden = page.items.length > 0;
     const counts = {};
     for (const j of page.items) counts[j.status] = (counts[j.status] || 0) + 1;
     document.getElementById("jobs-summary").textContent =
-      page.items.length + " shown" + (page.next_cursor ? " (more exist; narrow the filters)" : "") +
+      page.items.length + " shown" + (newer.length ? " (page " + (newer.length + 1) + ")" : "") +
+      (page.next_cursor ? " (older jobs on the next page)" : "") +
       (page.items.length ? ": " + Object.entries(counts).map(([k, v]) => v + " " + k).join(", ") : "");
   }
 
@@ -91,7 +110,8 @@
     const q = query();
     if (LR.params.get("poll")) q.set("poll", LR.params.get("poll"));
     history.replaceState(null, "", "/?" + q.toString());
-    refreshJobs().catch(LR.showError);
+    newer.length = 0;
+    goTo(null);
   });
 
   updateCompare();
