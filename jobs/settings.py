@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import pydantic
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -40,6 +41,8 @@ class Settings(BaseSettings):
     # with p99 < 100 ms where anyio's default of 40 gave ~600/s with p99 ~400 ms (bench/load.py).
     # Raise it when many slow requests (large uploads, big CSV results) must not wait on each other.
     api_threads: int = Field(4, ge=1, le=1024)
+    # API processes `lowrank api` starts when --workers is not given (uvicorn workers; one per core).
+    api_processes: int = Field(1, ge=1, le=256)
 
     # Limits, each enforced with a clear 413/422 naming it.
     max_body_bytes: int = Field(1 << 20, ge=1024)  # JSON request bodies
@@ -102,6 +105,16 @@ class Settings(BaseSettings):
 
 
 @lru_cache(maxsize=1)
+def describe_settings_error(exc: pydantic.ValidationError) -> str:
+    """One line naming each bad LOWRANK_* variable, its value and what is allowed."""
+    parts = []
+    for err in exc.errors():
+        name = "LOWRANK_" + "_".join(str(p) for p in err["loc"]).upper() if err["loc"] else "LOWRANK_* settings"
+        given = f"={err['input']!r}" if err["loc"] and isinstance(err.get("input"), (str, int, float)) else ""
+        parts.append(f"{name}{given}: {err['msg']}")
+    return "invalid settings: " + "; ".join(parts)
+
+
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment (LOWRANK_*)."""
     return Settings()

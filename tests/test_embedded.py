@@ -115,6 +115,49 @@ def test_api_refuses_a_database_not_at_head(tmp_path):
     assert up.returncode == 0 and f"database at head revision {_head()}" in up.stdout
 
 
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "lowrank", "api", "--port", str(free_port())], cwd=tmp_path,
+                         env=clean_env(LOWRANK_API_THREADS="many"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: invalid settings: LOWRANK_API_THREADS='many': Input should be a valid integer, unable to parse "
+        "string as an integer"]
+
+
+@pytest.mark.timeout(120)
+def test_api_starts_the_configured_number_of_processes(tmp_path):
+    """LOWRANK_API_PROCESSES (what compose sets) is the default of `lowrank api --workers`."""
+    env = clean_env(LOWRANK_API_PROCESSES="2")
+    subprocess.run([sys.executable, "-m", "lowrank", "db", "upgrade"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=60)
+    port = free_port()
+    with open(tmp_path / "api.log", "wb") as log:
+        api = subprocess.Popen([sys.executable, "-m", "lowrank", "api", "--port", str(port)], cwd=tmp_path, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and api.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"`lowrank api` not ready: {(tmp_path / 'api.log').read_text()[-3000:]}")
+        servers = [k for k in _children(api.pid)
+                   if "multiprocessing.spawn" in Path(f"/proc/{k}/cmdline").read_text().replace("\0", " ")
+                   and "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_text()]
+        assert len(servers) == 2, (tmp_path / "api.log").read_text()[-3000:]
+    finally:
+        api.send_signal(signal.SIGINT)
+        try:
+            api.wait(30)
+        except subprocess.TimeoutExpired:
+            api.kill()
+            api.wait()
+
+
 def test_up_refuses_a_busy_port(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,8 @@ import importlib
 import pkgutil
 import sys
 
+import pydantic
+
 from lowrank.cli._common import CliError, OneLineParser
 
 
@@ -32,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.handler(args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except pydantic.ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        from jobs.settings import describe_settings_error
+
+        print(f"error: {describe_settings_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -34,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("api", help="run the REST API alone (refuses a database not at the head revision)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="uvicorn worker processes (default: LOWRANK_API_PROCESSES, else 1; one per core is a "
+                        "good start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=cmd_api)
 
@@ -142,12 +144,17 @@ def _announce(notice: str | None) -> None:
 def cmd_api(args: argparse.Namespace) -> int:
     if not (0 < args.port < 65536):
         raise CliError(f"--port must be in 1..65535, got {args.port}")
+    from jobs.settings import get_settings
+
+    workers = args.workers if args.workers is not None else get_settings().api_processes
+    if workers < 1:
+        raise CliError(f"--workers must be >= 1, got {workers}")
     notice = check_auth_for_bind(args.host, "lowrank api")
     check_database_at_head()
     _announce(notice)
     import uvicorn
 
-    uvicorn.run("api.main:app", host=args.host, port=args.port, workers=args.workers,
+    uvicorn.run("api.main:app", host=args.host, port=args.port, workers=workers,
                 log_level=args.log_level, proxy_headers=True)
     return 0
 

@@ -222,6 +222,10 @@ def test_api(services: dict[str, Any]) -> None:
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert cmd[cmd.index("--port") + 1] == "8000"
     assert api["environment"]["LOWRANK_AUTH"] == "required"  # non-loopback bind
+    # Processes and handler threads: defaults, overridable from the host's environment.
+    assert interpolate(api["environment"]["LOWRANK_API_PROCESSES"], {}) == "2"
+    assert interpolate(api["environment"]["LOWRANK_API_PROCESSES"], {"LOWRANK_API_PROCESSES": "8"}) == "8"
+    assert interpolate(api["environment"]["LOWRANK_API_THREADS"], {}) == "4"
     assert any(p.endswith(":8000") for p in api["ports"])
     assert "http://127.0.0.1:8000/readyz" in " ".join(api["healthcheck"]["test"])
 
