@@ -104,7 +104,6 @@ class Settings(BaseSettings):
         return self.database_url.startswith("sqlite")
 
 
-@lru_cache(maxsize=1)
 def describe_settings_error(exc: pydantic.ValidationError) -> str:
     """One line naming each bad LOWRANK_* variable, its value and what is allowed."""
     parts = []
@@ -115,6 +114,7 @@ def describe_settings_error(exc: pydantic.ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
+@lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment (LOWRANK_*)."""
     return Settings()
