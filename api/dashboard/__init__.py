@@ -26,8 +26,10 @@ PLOTLY_JS = "plotly.min.js"
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 
+@lru_cache(maxsize=1)
 def plotly_js_path() -> Path:
-    """The plotly.min.js bundled in the installed `plotly` package (found without importing plotly)."""
+    """The plotly.min.js bundled in the installed `plotly` package (found without importing plotly;
+    looked up once per process)."""
     spec = importlib.util.find_spec("plotly")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the `plotly` package is not installed (a dependency of lowrank-lab)")
@@ -35,6 +37,12 @@ def plotly_js_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed plotly package")
     return path
+
+
+@lru_cache(maxsize=1)
+def plotly_version() -> str:
+    """The installed plotly package's version (the cache-busting ?v= of plotly.min.js), read once per process."""
+    return importlib.metadata.version("plotly")
 
 
 @lru_cache(maxsize=1)
@@ -51,7 +59,7 @@ def _file_version(path: Path, mtime_ns: int) -> str:
 def asset_url(name: str) -> str:
     """A cache-busting URL of a static file (its content hash in ?v=)."""
     if name == PLOTLY_JS:
-        return f"{STATIC_PREFIX}/{PLOTLY_JS}?v={importlib.metadata.version('plotly')}"
+        return f"{STATIC_PREFIX}/{PLOTLY_JS}?v={plotly_version()}"
     path = STATIC / name
     return f"{STATIC_PREFIX}/{name}?v={_file_version(path, path.stat().st_mtime_ns)}"
 

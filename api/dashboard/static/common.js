@@ -196,6 +196,30 @@ const LR = (() => {
 
   function shortId(id) { return String(id).slice(0, 8); }
 
+  // A job's id as a link to its page (the first 8 characters shown).
+  function jobLink(id) { return el("a", { href: "/jobs/" + id }, shortId(id)); }
+
+  // A job's progress for display: a succeeded job is complete whatever it last reported.
+  function jobProgress(job) { return job.status === "succeeded" ? 1 : job.progress; }
+
+  // A two-column table (th: name, td: value) of [name, value] pairs; undefined values are left out,
+  // null shows as a dash.
+  function kv(tbody, pairs) {
+    fill(tbody, pairs.filter(([, v]) => v !== undefined).map(([k, v]) =>
+      el("tr", null, el("th", null, k), el("td", null, v instanceof Node ? v : (v === null ? "\u2013" : String(v))))));
+  }
+
+  // The page title, heading and status badge of a job or sweep (`noun` names it when it has no name).
+  function renderHeader(obj, noun, titleId, badgeId) {
+    const name = obj.name || noun + " " + shortId(obj.id);
+    document.title = name + " \u2013 " + obj.status;
+    document.getElementById(titleId).textContent = name + " (" + obj.kind + ")";
+    const badge = document.getElementById(badgeId);
+    badge.textContent = obj.status;
+    badge.className = "status " + obj.status;
+    badge.dataset.status = obj.status;
+  }
+
   function pointText(point) {
     if (!point) return "";
     return Object.entries(point).map(([k, v]) => k + "=" + v).join(", ");
@@ -230,6 +254,9 @@ const LR = (() => {
   const PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                    "#7f7f7f", "#bcbd22"];
 
+  // The i-th color of PALETTE, cycling.
+  function color(i) { return PALETTE[i % PALETTE.length]; }
+
   function rgba(hex, alpha) {
     const n = parseInt(hex.slice(1), 16);
     return "rgba(" + (n >> 16) + "," + ((n >> 8) & 255) + "," + (n & 255) + "," + alpha + ")";
@@ -245,7 +272,7 @@ const LR = (() => {
 
   document.addEventListener("DOMContentLoaded", setupTokenForm);
 
-  return { api, ApiError, poll, el, fill, num, bytes, when, duration, statusBadge, progressBar, setProgress,
-           shortId, pointText, resultSummary, download, plot, rgba, PALETTE, PLOT_CONFIG, TERMINAL, POLL_MS,
-           pageData, params, showError, getToken };
+  return { api, poll, el, fill, kv, num, bytes, when, duration, statusBadge, progressBar, setProgress,
+           shortId, jobLink, jobProgress, renderHeader, pointText, resultSummary, download, plot, rgba, color,
+           PALETTE, TERMINAL, pageData, params, showError };
 })();

@@ -1,7 +1,7 @@
 // `/compare?jobs=a,b,...`: one plot per metric series, one trace per job; a table and a bar chart of results.
 "use strict";
 (() => {
-  const { api, el, fill, num, statusBadge, shortId, pointText } = LR;
+  const { api, el, fill, num, statusBadge, shortId, pointText, color } = LR;
   const ids = LR.pageData.job_ids || [];
   const MAX_POINTS = 300;
   const ORDER = ["train_loss_step", "train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s"];
@@ -63,7 +63,7 @@
         const s = metrics[i].series.find(x => x.name === name);
         if (!s) return;
         traces.push({ x: s.steps, y: s.values, name: label(job), type: "scatter",
-                      mode: s.steps.length < 30 ? "lines+markers" : "lines", line: { color: LR.PALETTE[i % LR.PALETTE.length] } });
+                      mode: s.steps.length < 30 ? "lines+markers" : "lines", line: { color: color(i) } });
       });
       await LR.plot(div, traces, { title: { text: name }, xaxis: { title: { text: "step" } } });
     }
@@ -81,7 +81,7 @@
     }
     barKey = select.value || keys[0];
     const trace = { type: "bar", x: jobs.map(label), y: jobs.map(j => (j.result || {})[barKey] ?? null),
-                    marker: { color: jobs.map((_, i) => LR.PALETTE[i % LR.PALETTE.length]) }, name: barKey };
+                    marker: { color: jobs.map((_, i) => color(i)) }, name: barKey };
     return LR.plot(document.getElementById("compare-bars"), [trace], { title: { text: barKey }, showlegend: false });
   }
 

@@ -1,7 +1,8 @@
 // `/`: sweeps and jobs with live status, filters (kept in the URL), selection for /compare.
 "use strict";
 (() => {
-  const { api, el, fill, num, when, duration, statusBadge, progressBar, shortId, pointText, resultSummary } = LR;
+  const { api, el, fill, num, when, duration, statusBadge, progressBar, shortId, jobLink, jobProgress, pointText,
+          resultSummary } = LR;
   const form = document.getElementById("filters");
   const selected = new Set();
   const FILTERS = ["status", "kind", "tag", "owner", "sweep", "limit"];
@@ -38,11 +39,11 @@
     box.checked = selected.has(job.id);
     return el("tr", { dataset: { jobId: job.id, status: job.status } },
       el("td", null, box),
-      el("td", { class: "mono" }, el("a", { href: "/jobs/" + job.id }, shortId(job.id))),
+      el("td", { class: "mono" }, jobLink(job.id)),
       el("td", null, job.name || ""),
       el("td", null, job.kind),
       el("td", null, statusBadge(job.status, { class: "status " + job.status + " job-status" })),
-      el("td", null, progressBar(job.status === "succeeded" ? 1 : job.progress)),
+      el("td", null, progressBar(jobProgress(job))),
       el("td", { class: "summary" }, resultSummary(job)),
       el("td", null, job.sweep_id ? el("a", { href: "/sweeps/" + job.sweep_id }, pointText(job.sweep_point) || shortId(job.sweep_id)) : ""),
       el("td", null, (job.tags || []).join(", ")),
@@ -92,7 +93,7 @@
       if (e.status === 404 || e.status === 405) { sweepsAvailable = false; return; }  // server without sweeps
       throw e;
     }
-    const items = Array.isArray(sweeps) ? sweeps : (sweeps.items || []);
+    const items = sweeps.items;
     document.getElementById("sweeps-section").hidden = items.length === 0;
     fill(document.querySelector("#sweeps-table tbody"), items.map(s => el("tr", { dataset: { sweepId: s.id } },
       el("td", null, el("a", { href: "/sweeps/" + s.id }, s.name || shortId(s.id))),

@@ -1,7 +1,8 @@
 // `/jobs/{id}`: status, progress, error, result, live training curves, per-layer init errors, artifacts, spec.
 "use strict";
 (() => {
-  const { api, el, fill, num, bytes, when, duration, statusBadge, setProgress, pointText } = LR;
+  const { api, el, fill, kv, num, bytes, when, duration, statusBadge, setProgress, jobProgress, renderHeader,
+          pointText } = LR;
   const jobId = LR.pageData.job_id;
   const MAX_POINTS = 300;  // per series, downsampled by the server
   // Series per plot; a plot shows those the job recorded.
@@ -14,19 +15,9 @@
   let artifactsShown = "";
   let initShown = false;
 
-  function kv(tbody, pairs) {
-    fill(tbody, pairs.filter(([, v]) => v !== undefined).map(([k, v]) =>
-      el("tr", null, el("th", null, k), el("td", null, v instanceof Node ? v : (v === null ? "\u2013" : String(v))))));
-  }
-
   function renderJob(job) {
-    document.title = (job.name || "job " + job.id.slice(0, 8)) + " \u2013 " + job.status;
-    document.getElementById("job-title").textContent = (job.name || "job " + job.id.slice(0, 8)) + " (" + job.kind + ")";
-    const badge = document.getElementById("job-status");
-    badge.textContent = job.status;
-    badge.className = "status " + job.status;
-    badge.dataset.status = job.status;
-    setProgress(document.getElementById("job-progress"), job.status === "succeeded" ? 1 : job.progress);
+    renderHeader(job, "job", "job-title", "job-status");
+    setProgress(document.getElementById("job-progress"), jobProgress(job));
     document.getElementById("cancel-button").hidden = LR.TERMINAL.has(job.status) || job.cancel_requested;
     document.getElementById("retry-button").hidden = !(job.status === "failed" || job.status === "cancelled");
     const sweepLink = document.getElementById("sweep-link");

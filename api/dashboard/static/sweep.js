@@ -3,7 +3,8 @@
 // for train sweeps accuracy versus parameters. Updates while the sweep's jobs run.
 "use strict";
 (() => {
-  const { api, el, fill, num, statusBadge, setProgress, shortId, pointText, resultSummary, duration } = LR;
+  const { api, el, fill, kv, num, statusBadge, setProgress, shortId, jobLink, jobProgress, renderHeader, pointText,
+          resultSummary, duration, color } = LR;
   const sweepId = LR.pageData.sweep_id;
   const METRICS = {
     approx: ["error", "mc_error", "time_s", "iterations"],
@@ -75,12 +76,7 @@
   }
 
   function renderSweep() {
-    document.title = (sweep.name || "sweep " + shortId(sweep.id)) + " \u2013 " + sweep.status;
-    document.getElementById("sweep-title").textContent = (sweep.name || "sweep " + shortId(sweep.id)) + " (" + sweep.kind + ")";
-    const badge = document.getElementById("sweep-status");
-    badge.textContent = sweep.status;
-    badge.className = "status " + sweep.status;
-    badge.dataset.status = sweep.status;
+    renderHeader(sweep, "sweep", "sweep-title", "sweep-status");
     setProgress(document.getElementById("sweep-progress"), sweep.progress);
     const c = sweep.counts || {};
     document.getElementById("sweep-counts").textContent = ["queued", "running", "succeeded", "failed", "cancelled"]
@@ -89,7 +85,7 @@
                   ["seeds", JSON.stringify(sweep.seeds)]];
     for (const [k, v] of Object.entries(sweep.grid || {})) rows.push(["grid " + k, JSON.stringify(v)]);
     if (sweep.early_stopping) rows.push(["early stopping", JSON.stringify(sweep.early_stopping)]);
-    fill(document.querySelector("#sweep-info tbody"), rows.map(([k, v]) => el("tr", null, el("th", null, k), el("td", null, v))));
+    kv(document.querySelector("#sweep-info tbody"), rows);
   }
 
   // Rows grouped into lines: x = the chosen key, a line per combination of the other grid keys.
@@ -104,7 +100,7 @@
     const numericX = rows.every(r => typeof r.point[xKey] === "number");
     for (const pts of byLine.values())
       pts.sort((a, b) => numericX ? a.point[xKey] - b.point[xKey] : String(a.point[xKey]).localeCompare(String(b.point[xKey])));
-    return { byLine, numericX, others };
+    return { byLine, numericX };
   }
 
   function bandOf(row, how, logy) {
@@ -126,17 +122,17 @@
     const traces = [];
     let i = 0;
     for (const [label, pts] of byLine) {
-      const color = LR.PALETTE[i++ % LR.PALETTE.length];
+      const lineColor = color(i++);
       const xs = pts.map(r => r.point[xKey]);
       if (how !== "none") {
         const bands = pts.map(r => bandOf(r, how, logy));
         traces.push({ x: xs.concat(xs.slice().reverse()), y: bands.map(b => b[1]).concat(bands.map(b => b[0]).reverse()),
-                      type: "scatter", mode: "lines", fill: "toself", fillcolor: LR.rgba(color, 0.18),
-                      line: { width: 0, color }, hoverinfo: "skip", showlegend: false, name: label + " spread",
+                      type: "scatter", mode: "lines", fill: "toself", fillcolor: LR.rgba(lineColor, 0.18),
+                      line: { width: 0, color: lineColor }, hoverinfo: "skip", showlegend: false, name: label + " spread",
                       legendgroup: label, meta: { role: "band" } });
       }
       traces.push({ x: xs, y: pts.map(r => r.mean), type: "scatter", mode: "lines+markers", name: label, legendgroup: label,
-                    line: { color, width: 2 }, marker: { size: 7 }, meta: { role: "mean" },
+                    line: { color: lineColor, width: 2 }, marker: { size: 7 }, meta: { role: "mean" },
                     customdata: pts.map(r => [r.n, r.std, r.min, r.max]),
                     hovertemplate: xKey + "=%{x}<br>mean %{y:.5g}<br>std %{customdata[1]:.3g}, min %{customdata[2]:.5g}, " +
                                    "max %{customdata[3]:.5g}<br>n=%{customdata[0]}<extra>%{fullData.name}</extra>" });
@@ -163,7 +159,7 @@
       traces.push({ x: sorted.map(r => r.params), y: sorted.map(r => r.mean), type: "scatter", mode: "lines+markers+text",
                     name: label, text: sorted.map(r => xKey + "=" + r.point[xKey]), textposition: "top center",
                     error_y: { type: "data", array: sorted.map(r => r.std || 0), visible: true },
-                    line: { color: LR.PALETTE[i++ % LR.PALETTE.length] } });
+                    line: { color: color(i++) } });
     }
     await LR.plot(document.getElementById("plot-tradeoff"), traces, {
       title: { text: tradeoff.metric + " versus parameters (mean \u00b1 std over seeds)" },
@@ -196,11 +192,11 @@
     document.getElementById("sweep-jobs-summary").textContent =
       "(" + items.length + (page.next_cursor ? " shown of " + sweep.total : "") + ")";
     fill(document.querySelector("#sweep-jobs tbody"), items.map(j => el("tr", { dataset: { jobId: j.id, status: j.status } },
-      el("td", { class: "mono" }, el("a", { href: "/jobs/" + j.id }, shortId(j.id))),
+      el("td", { class: "mono" }, jobLink(j.id)),
       el("td", null, pointText(j.sweep_point)),
       el("td", { class: "num" }, j.seed),
       el("td", null, statusBadge(j.status)),
-      el("td", null, LR.progressBar(j.status === "succeeded" ? 1 : j.progress)),
+      el("td", null, LR.progressBar(jobProgress(j))),
       el("td", null, resultSummary(j)),
       el("td", { class: "num" }, duration(j)))));
     return items;
