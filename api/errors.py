@@ -82,12 +82,11 @@ def install_error_handlers(app: FastAPI) -> None:
         # A spec validated inside the store (e.g. a dict built from a sweep grid point).
         return JSONResponse({"detail": validation_details(exc.errors(), prefix_body=True)}, status_code=422)
 
-    @app.exception_handler(sa_exc.OperationalError)
-    @app.exception_handler(sa_exc.InterfaceError)
-    @app.exception_handler(sa_exc.TimeoutError)
-    @app.exception_handler(BrokerOperationalError)
     async def _outage(_: Request, exc: Exception) -> JSONResponse:
         return outage_response(exc)
+
+    for outage in OUTAGE_ERRORS:
+        app.add_exception_handler(outage, _outage)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> Response:

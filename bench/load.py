@@ -24,8 +24,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,10 +48,9 @@ def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[
     LOWRANK_API_THREADS=40 (anyio's default, what ran before the setting existed); "asyncio-h11" the
     same app under uvicorn's pure-Python event loop and HTTP parser with 40 threads (the set-up before
     uvloop/httptools were dependencies). Same run, so the ratios compare like with like."""
-    with scratch.service(workdir / "home", "load", in_process=False) as stack, socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+    with scratch.service(workdir / "home", "load", in_process=False) as stack:
+        cf = stack["cf"]
+        port = cf.free_port()
         env = {**os.environ, **stack["env"]}
         if server != "lowrank":
             env["LOWRANK_API_THREADS"] = "40"
@@ -66,6 +63,7 @@ def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[
                     "--http", "h11"]
         with open(workdir / "api.log", "ab") as log:
             proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        api = cf.ServiceProcess("api", proc, workdir / "api.log")
         try:
             import httpx
 
@@ -81,15 +79,9 @@ def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[
                 if time.monotonic() > deadline:
                     raise RuntimeError("API not ready after 90 s")
                 time.sleep(0.3)
-            yield {"port": port, "url": stack["url"], "prefix": stack["prefix"], "db": stack["db"],
-                   "cf": stack["cf"]}
+            yield {"port": port, "url": stack["url"], "prefix": stack["prefix"], "db": stack["db"], "cf": cf}
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            api.stop(timeout=20)
 
 
 # ------------------------------------------------------------------------------------------------

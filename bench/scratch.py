@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -61,7 +60,6 @@ def service(home: Path, label: str, *, in_process: bool = True) -> Iterator[dict
     the benchmark's own store calls, and restores the environment afterwards. Everything is removed
     at the end, whatever happened."""
     from jobs import migrate
-    from jobs.settings import reset_settings
 
     cf = conftest()
     check_reachable(cf)
@@ -72,20 +70,10 @@ def service(home: Path, label: str, *, in_process: bool = True) -> Iterator[dict
     env = {"LOWRANK_HOME": str(home), "LOWRANK_DATABASE_URL": url, "LOWRANK_BROKER_URL": cf.REDIS_URL,
            "LOWRANK_QUEUE_PREFIX": prefix, "LOWRANK_ARTIFACT_ROOT": str(home / "artifacts"),
            "LOWRANK_AUTH": "off"}
-    saved = {k: os.environ.get(k) for k in env}
-    if in_process:
-        os.environ.update(env)
-        reset_settings()
     try:
-        migrate.upgrade(url)
-        yield {"env": env, "url": url, "db": db_name, "prefix": prefix, "cf": cf}
+        with cf.lowrank_environment(env) if in_process else contextlib.nullcontext():
+            migrate.upgrade(url)
+            yield {"env": env, "url": url, "db": db_name, "prefix": prefix, "cf": cf}
     finally:
-        if in_process:
-            reset_settings()  # closes pooled connections before the DROP
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         cf.drop_database(db_name)
         cf._clean_redis(prefix)

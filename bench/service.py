@@ -36,7 +36,6 @@ from typing import Any
 
 from bench import common, scratch
 
-REPO = Path(__file__).resolve().parent.parent
 FULL = {"bulk_points": 40_000, "batches": [200, 1000, 5000], "single_points": 1500, "rounds": 3,
         "writers": 4, "writer_points": 20_000, "reads": 20, "jobs": 30, "warmup_jobs": 3, "idle_s": 0.5}
 QUICK = {"bulk_points": 6_000, "batches": [200, 1000], "single_points": 150, "rounds": 1,

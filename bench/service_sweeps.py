@@ -36,7 +36,6 @@ from typing import Any
 
 from bench import common, scratch
 
-REPO = Path(__file__).resolve().parent.parent
 FULL = {"create_sizes": [1_000, 10_000], "create_rounds": 3, "results_jobs": 10_000, "result_reads": 15}
 QUICK = {"create_sizes": [100, 1_000], "create_rounds": 2, "results_jobs": 1_000, "result_reads": 5}
 GOAL_MS = 200.0

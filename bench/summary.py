@@ -42,7 +42,6 @@ class Result:
         self.tables: list[dict[str, Any]] = meta.get("tables") or []
         self.measured: str | None = meta.get("measured")
         self.mode: str | None = meta.get("mode")
-        self.text = self.md_path.read_text() if self.md_path.exists() else ""
 
     def table(self, section_re: str, *columns_re: str) -> dict[str, Any]:
         """The first table whose section heading matches and that has columns matching every pattern."""

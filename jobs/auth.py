@@ -81,8 +81,7 @@ def looks_like_token(token: str) -> bool:
     return token.startswith(TOKEN_PREFIX) and 20 <= len(token) <= 200 and token.isascii()
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+_now = m.utcnow
 
 
 def create_token(name: str, *, admin: bool = False, url: str | None = None) -> tuple[TokenRecord, str]:

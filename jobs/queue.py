@@ -11,14 +11,15 @@ from typing import Literal
 
 from celery import Celery
 
-from jobs.models import QUEUES
+from jobs.models import PRIORITIES, QUEUES
 from jobs.settings import Settings, get_settings
 
 TASK_RUN_JOB = "lowrank.run_job"  # one arg: job id (str UUID)
 TASK_REAP = "lowrank.reap_stale_jobs"
 
 DEVICES: tuple[str, ...] = QUEUES  # cpu, gpu, gpu2..gpu8 (jobs.models.QUEUES)
-PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+# A broker hiccup: a publish is retried briefly, then reported (the reaper re-sends what was not sent).
+SEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
 def queue_name(device: str, priority: Literal["high", "normal", "low"],
@@ -104,7 +105,7 @@ def enqueue_job(celery_app: Celery, job_id: str, device: str,
         queue=_queue(celery_app, device, priority),
         # A broken broker must not hang an API request: give up after a few quick retries.
         retry=True,
-        retry_policy={"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5},
+        retry_policy=SEND_RETRY_POLICY,
     )
 
 
@@ -124,14 +125,13 @@ def enqueue_jobs(celery_app: Celery, jobs: list[tuple[str, str, str]], *, batch_
     batch publishing (the embedded filesystem broker) each is sent at once, with enqueue_job's retry
     policy. Raises BulkEnqueueError(sent) if the broker fails part-way. Call only after the jobs'
     rows are committed."""
-    retry_policy = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
     sent = 0
     try:
         with celery_app.producer_or_acquire() as producer:
             if not producer.supports_batch_publish:
                 for job_id, device, priority in jobs:
                     celery_app.send_task(TASK_RUN_JOB, args=[str(job_id)], queue=_queue(celery_app, device, priority),
-                                         producer=producer, retry=True, retry_policy=retry_policy)
+                                         producer=producer, retry=True, retry_policy=SEND_RETRY_POLICY)
                     sent += 1
                 return sent
             for start in range(0, len(jobs), batch_size):

@@ -161,14 +161,26 @@ def _abs_path(stored: str) -> Path:
     return p if p.is_absolute() else get_settings().artifacts / p
 
 
-def _get_job_row(session: Session, job_id: str | uuid.UUID, *, for_update: bool = False) -> m.Job:
-    stmt = select(m.Job).where(m.Job.id == _uuid(job_id))
+def get_row(session: Session, model: Any, row_id: str | uuid.UUID, what: str, *, for_update: bool = False) -> Any:
+    """The `model` row with this id (a job or a sweep: `what` names it in errors); NotFound otherwise."""
+    stmt = select(model).where(model.id == _uuid(row_id, what))
     if for_update:
         stmt = stmt.with_for_update()
     row = session.scalars(stmt).one_or_none()
     if row is None:
-        raise NotFound(f"job {job_id} not found")
+        raise NotFound(f"{what} {row_id} not found")
     return row
+
+
+def _get_job_row(session: Session, job_id: str | uuid.UUID, *, for_update: bool = False) -> m.Job:
+    return get_row(session, m.Job, job_id, "job", for_update=for_update)
+
+
+def check_actor(row: Any, actor: str | None, admin: bool, action: str, what: str = "job") -> None:
+    """Only the owner of a job or sweep, or an admin, may act on it (Forbidden)."""
+    if not admin and row.owner != actor:
+        raise Forbidden(f"{what} {row.id} belongs to {row.owner or 'nobody'}; only its owner or an admin may "
+                        f"{action} it")
 
 
 def _insert(session: Session):  # noqa: ANN202 - dialect-specific INSERT with ON CONFLICT
@@ -178,20 +190,26 @@ def _insert(session: Session):  # noqa: ANN202 - dialect-specific INSERT with ON
 # ---------------------------------------------------------------------------------------------
 # Creating jobs.
 
+def job_values(spec: AnySpec, canonical: dict[str, Any], *, owner: str | None, idempotency_key: str | None = None,
+               now: dt.datetime | None = None, tags: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """The column values of a new queued job for a validated spec (`canonical` = spec_to_dict(spec));
+    `extra` adds columns (a sweep's job: sweep_id, sweep_point, ...). enqueued_at is set optimistically:
+    the caller sends the message right after the commit and records a failure to send with
+    mark_not_enqueued (saves a second commit per submission)."""
+    now = now or _now()
+    return {"id": uuid.uuid4(), "kind": spec.kind, "spec": canonical, "status": "queued", "priority": spec.priority,
+            "queue": queue_for(spec), "name": spec.name, "tags": list(spec.tags) if tags is None else tags,
+            "owner": owner, "idempotency_key": idempotency_key, "seed": spec.seed, "created_at": now,
+            "enqueued_at": now, **extra}
+
+
 def build_job_row(spec: AnySpec, *, owner: str | None = None, idempotency_key: str | None = None,
-                  sweep_id: uuid.UUID | None = None, sweep_point: dict[str, Any] | None = None,
-                  sweep_point_index: int | None = None) -> m.Job:
-    """An unsaved Job row for a validated spec (also used by sweep creation to add many in one transaction)."""
-    job_id = uuid.uuid4()
-    return m.Job(
-        id=job_id, kind=spec.kind, spec=spec_to_dict(spec), status="queued", priority=spec.priority,
-        queue=queue_for(spec), name=spec.name, tags=list(spec.tags), owner=owner,
-        idempotency_key=idempotency_key, sweep_id=sweep_id, sweep_point=sweep_point,
-        sweep_point_index=sweep_point_index, seed=spec.seed, attempts=0, cancel_requested=False,
-        # Optimistic: the caller sends the message right after the commit, and records a failure to
-        # send with mark_not_enqueued (saves a second commit per submission).
-        created_at=_now(), enqueued_at=_now(), job_tags=[m.JobTag(job_id=job_id, tag=t) for t in dict.fromkeys(spec.tags)],
-    )
+                  canonical: dict[str, Any] | None = None) -> m.Job:
+    """An unsaved Job row (with its tag rows) for a validated spec."""
+    values = job_values(spec, spec_to_dict(spec) if canonical is None else canonical, owner=owner,
+                        idempotency_key=idempotency_key)
+    return m.Job(**values, attempts=0, cancel_requested=False,
+                 job_tags=[m.JobTag(job_id=values["id"], tag=t) for t in dict.fromkeys(spec.tags)])
 
 
 def check_references(session: Session, spec: AnySpec) -> None:
@@ -251,13 +269,13 @@ def create_job(spec: AnySpec | dict[str, Any], *, idempotency_key: str | None = 
         if engine.dialect.name == "postgresql" and not needs_lookup:
             # The hot path of POST /jobs: one statement (job row + its tag rows) in autocommit, so a
             # submission costs one round trip to Postgres instead of BEGIN / INSERT / INSERT / COMMIT.
-            values = _job_values(spec, canonical, owner, idempotency_key)
+            values = job_values(spec, canonical, owner=owner, idempotency_key=idempotency_key)
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(_PG_INSERT_JOB, {**values, "tag_list": list(dict.fromkeys(spec.tags))})
             return _record_from_values(values), True
         with session_scope() as session:
             check_references(session, spec)
-            row = build_job_row(spec, owner=owner, idempotency_key=idempotency_key)
+            row = build_job_row(spec, owner=owner, idempotency_key=idempotency_key, canonical=canonical)
             session.add(row)
             session.flush()
             return JobRecord.from_row(row), True
@@ -269,14 +287,6 @@ def create_job(spec: AnySpec | dict[str, Any], *, idempotency_key: str | None = 
         if existing is None:
             raise
         return existing, False
-
-
-def _job_values(spec: AnySpec, canonical: dict[str, Any], owner: str | None,
-                idempotency_key: str | None) -> dict[str, Any]:
-    now = _now()
-    return {"id": uuid.uuid4(), "kind": spec.kind, "spec": canonical, "status": "queued", "priority": spec.priority,
-            "queue": queue_for(spec), "name": spec.name, "tags": list(spec.tags), "owner": owner,
-            "idempotency_key": idempotency_key, "seed": spec.seed, "created_at": now, "enqueued_at": now}
 
 
 def _record_from_values(v: dict[str, Any]) -> JobRecord:
@@ -380,17 +390,16 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
                            ("query", "cursor")) from None
 
 
-def newest_first(stmt, model, cursor: str | None, limit: int):  # noqa: ANN001, ANN201
-    """`stmt` ordered newest first on (created_at, id) of `model`, after `cursor`, limit + 1 rows
-    (the extra row says whether there is a next page: see page_rows)."""
+def keyset_page(session: Session, stmt: Any, model: Any, cursor: str | None, limit: int) -> tuple[list, str | None]:
+    """One page of `stmt`'s rows newest first on (created_at, id) of `model`, after `cursor`: at most
+    `limit` rows (1..1000) and the cursor of the next page (None on the last). One row more than
+    `limit` is read to know whether a next page exists."""
+    if not 1 <= limit <= 1000:
+        raise InvalidInput(f"limit must be between 1 and 1000, got {limit}", ("query", "limit"))
     if cursor:
         when, last_id = _decode_cursor(cursor)
         stmt = stmt.where(or_(model.created_at < when, and_(model.created_at == when, model.id < last_id)))
-    return stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
-
-
-def page_rows(rows: list, limit: int) -> tuple[list, str | None]:
-    """The page's rows (at most `limit`) and the cursor of the next page (None on the last)."""
+    rows = list(session.scalars(stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (_encode_cursor(rows[-1].created_at, rows[-1].id) if more else None)
@@ -400,8 +409,6 @@ def list_jobs(*, status: str | None = None, kind: str | None = None, sweep_id: s
               tag: str | None = None, owner: str | None = None, limit: int = 50,
               cursor: str | None = None) -> JobPage:
     """Jobs newest first, filtered; keyset pagination on (created_at, id) with an opaque cursor."""
-    if not 1 <= limit <= 1000:
-        raise InvalidInput(f"limit must be between 1 and 1000, got {limit}", ("query", "limit"))
     stmt = select(m.Job)
     if status is not None:
         stmt = stmt.where(m.Job.status == status)
@@ -414,17 +421,12 @@ def list_jobs(*, status: str | None = None, kind: str | None = None, sweep_id: s
     if tag is not None:
         stmt = stmt.where(m.Job.id.in_(select(m.JobTag.job_id).where(m.JobTag.tag == tag)))
     with session_scope() as session:
-        rows, next_cursor = page_rows(list(session.scalars(newest_first(stmt, m.Job, cursor, limit))), limit)
+        rows, next_cursor = keyset_page(session, stmt, m.Job, cursor, limit)
     return JobPage([JobRecord.from_row(r) for r in rows], next_cursor)
 
 
 # ---------------------------------------------------------------------------------------------
 # Cancel and retry (user actions).
-
-def _check_actor(row: m.Job, actor: str | None, admin: bool, action: str) -> None:
-    if not admin and row.owner != actor:
-        raise Forbidden(f"job {row.id} belongs to {row.owner or 'nobody'}; only its owner or an admin may {action} it")
-
 
 def request_cancel(job_id: str | uuid.UUID, *, actor: str | None = None, admin: bool = True) -> JobRecord:
     """Cancel a job: a queued job becomes `cancelled` at once (it will never run); a running job gets
@@ -434,7 +436,7 @@ def request_cancel(job_id: str | uuid.UUID, *, actor: str | None = None, admin: 
     jid = _uuid(job_id)
     now = _now()
     with session_scope() as session:
-        _check_actor(_get_job_row(session, jid, for_update=True), actor, admin, "cancel")
+        check_actor(_get_job_row(session, jid, for_update=True), actor, admin, "cancel")
         done = session.execute(
             update(m.Job).where(m.Job.id == jid, m.Job.status == "queued")
             .values(status="cancelled", cancel_requested=True, finished_at=now)
@@ -451,6 +453,14 @@ def request_cancel(job_id: str | uuid.UUID, *, actor: str | None = None, admin: 
         return JobRecord.from_row(row)
 
 
+def requeue_values(now: dt.datetime) -> dict[str, Any]:
+    """What a retry resets on a failed or cancelled job row (store.retry_job, sweeps.retry_failed).
+    enqueued_at is set because the caller sends the job next (mark_not_enqueued if that fails)."""
+    return {"status": "queued", "attempts": 0, "cancel_requested": False, "error": None, "result": None,
+            "progress": None, "worker": None, "started_at": None, "heartbeat_at": None, "finished_at": None,
+            "enqueued_at": now}
+
+
 def retry_job(job_id: str | uuid.UUID, *, actor: str | None = None, admin: bool = True) -> JobRecord:
     """Put a failed or cancelled job back in the queue, on the same row (its id, sweep point and metric
     history stay; a train job resumes from its last checkpoint when one exists). Resets status,
@@ -459,19 +469,12 @@ def retry_job(job_id: str | uuid.UUID, *, actor: str | None = None, admin: bool 
     jid = _uuid(job_id)
     with session_scope() as session:
         row = _get_job_row(session, jid, for_update=True)
-        _check_actor(row, actor, admin, "retry")
+        check_actor(row, actor, admin, "retry")
         if row.status not in ("failed", "cancelled"):
             raise InvalidState(f"job {jid} is {row.status}; only failed or cancelled jobs can be retried",
                                status=row.status)
-        row.status = "queued"
-        row.attempts = 0
-        row.cancel_requested = False
-        row.error = None
-        row.result = None
-        row.progress = None
-        row.worker = None
-        row.started_at = row.heartbeat_at = row.finished_at = None
-        row.enqueued_at = _now()  # the caller sends it next (mark_not_enqueued if that fails)
+        for key, value in requeue_values(_now()).items():
+            setattr(row, key, value)
         session.flush()
         return JobRecord.from_row(row)
 

@@ -42,10 +42,11 @@ from sqlalchemy.orm import Session, aliased
 
 from jobs import models as m
 from jobs.db import session_scope
-from jobs.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
+from jobs.errors import Conflict, InvalidInput, TooLarge
 from jobs.settings import get_settings
-from jobs.specs import TEXT_PATTERN, parse_spec, queue_for, spec_to_dict
-from jobs.store import _now, _uuid, check_references, newest_first, page_rows
+from jobs.specs import TEXT_PATTERN, parse_spec, spec_to_dict
+from jobs.store import (_now, _uuid, check_actor, check_references, get_row, job_values, keyset_page,
+                        requeue_values)
 
 log = logging.getLogger(__name__)
 
@@ -291,24 +292,18 @@ def create_sweep(req: SweepCreate, *, owner: str | None = None,
     send: list[tuple[str, str, str]] = []
     for index, (point, spec) in enumerate(points):
         canonical = spec_to_dict(spec)
-        queue = queue_for(spec)
         tags = list(dict.fromkeys(spec.tags))
+        point_row = job_values(spec, canonical, owner=owner, now=now, tags=tags, sweep_id=sweep_id,
+                               sweep_point=point, sweep_point_index=index, attempts=0, cancel_requested=False)
         for seed in req.seeds:
             job_id = uuid.uuid4()
-            job_rows.append({
-                "id": job_id, "kind": spec.kind, "spec": {**canonical, "seed": seed}, "status": "queued",
-                "priority": spec.priority, "queue": queue, "name": spec.name, "tags": tags, "owner": owner,
-                "idempotency_key": None, "sweep_id": sweep_id, "sweep_point": point,
-                "sweep_point_index": index, "seed": seed, "attempts": 0, "cancel_requested": False,
-                "created_at": now, "enqueued_at": now,
-            })
+            job_rows.append({**point_row, "id": job_id, "spec": {**canonical, "seed": seed}, "seed": seed})
             tag_rows.extend({"job_id": job_id, "tag": t} for t in tags)
-            send.append((str(job_id), queue, spec.priority))
+            send.append((str(job_id), point_row["queue"], spec.priority))
     try:
         with session_scope() as session:
             for _, spec in points:
-                if _has_upload(spec):
-                    check_references(session, spec)
+                check_references(session, spec)  # no I/O unless the spec names an upload
             session.add(m.Sweep(id=sweep_id, name=req.name, kind=req.base["kind"], base=req.base, grid=req.grid,
                                 seeds=req.seeds, early_stopping=es, n_points=len(points), n_jobs=len(job_rows),
                                 idempotency_key=idempotency_key, owner=owner, cancel_requested=False,
@@ -326,10 +321,6 @@ def create_sweep(req: SweepCreate, *, owner: str | None = None,
             raise
         return existing, False, []
     return get_sweep(sweep_id), True, send
-
-
-def _has_upload(spec: Any) -> bool:
-    return any(getattr(getattr(spec, f, None), "source", None) == "upload" for f in ("weights", "teacher"))
 
 
 def _find_idempotent(key: str, req: SweepCreate, owner: str | None) -> SweepRecord | None:
@@ -397,13 +388,7 @@ def _record(session: Session, row: m.Sweep, counts: dict[str, int] | None = None
 
 
 def _get_row(session: Session, sweep_id: str | uuid.UUID, *, for_update: bool = False) -> m.Sweep:
-    stmt = select(m.Sweep).where(m.Sweep.id == _uuid(sweep_id, "sweep"))
-    if for_update:
-        stmt = stmt.with_for_update()
-    row = session.scalars(stmt).one_or_none()
-    if row is None:
-        raise NotFound(f"sweep {sweep_id} not found")
-    return row
+    return get_row(session, m.Sweep, sweep_id, "sweep", for_update=for_update)
 
 
 def get_sweep(sweep_id: str | uuid.UUID) -> SweepRecord:
@@ -414,15 +399,13 @@ def get_sweep(sweep_id: str | uuid.UUID) -> SweepRecord:
 def list_sweeps(*, owner: str | None = None, kind: str | None = None, limit: int = 50,
                 cursor: str | None = None) -> SweepPage:
     """Sweeps newest first (keyset pagination on created_at, id), each with its status counts."""
-    if not 1 <= limit <= 1000:
-        raise InvalidInput(f"limit must be between 1 and 1000, got {limit}", ("query", "limit"))
     stmt = select(m.Sweep)
     if owner is not None:
         stmt = stmt.where(m.Sweep.owner == owner)
     if kind is not None:
         stmt = stmt.where(m.Sweep.kind == kind)
     with session_scope() as session:
-        rows, next_cursor = page_rows(list(session.scalars(newest_first(stmt, m.Sweep, cursor, limit))), limit)
+        rows, next_cursor = keyset_page(session, stmt, m.Sweep, cursor, limit)
         counts = _counts(session, [r.id for r in rows])
         items = [_record(session, r, counts[r.id]) for r in rows]
     return SweepPage(items, next_cursor)
@@ -430,11 +413,6 @@ def list_sweeps(*, owner: str | None = None, kind: str | None = None, limit: int
 
 # ---------------------------------------------------------------------------------------------
 # Cancel and retry.
-
-def _check_actor(row: m.Sweep, actor: str | None, admin: bool, action: str) -> None:
-    if not admin and row.owner != actor:
-        raise Forbidden(f"sweep {row.id} belongs to {row.owner or 'nobody'}; only its owner or an admin may {action} it")
-
 
 def _cancel_jobs(session: Session, where: Any, now: dt.datetime) -> int:
     n = session.execute(update(m.Job).where(where, m.Job.status == "queued")
@@ -449,7 +427,7 @@ def cancel_sweep(sweep_id: str | uuid.UUID, *, actor: str | None = None, admin: 
     """Queued jobs -> cancelled at once; running jobs get cancel_requested (workers stop at the next check)."""
     with session_scope() as session:
         row = _get_row(session, sweep_id, for_update=True)
-        _check_actor(row, actor, admin, "cancel")
+        check_actor(row, actor, admin, "cancel", "sweep")
         row.cancel_requested = True
         _cancel_jobs(session, m.Job.sweep_id == row.id, _now())
         session.flush()
@@ -464,11 +442,10 @@ def retry_failed(sweep_id: str | uuid.UUID, *, include_cancelled: bool = False, 
     now = _now()
     with session_scope() as session:
         row = _get_row(session, sweep_id, for_update=True)
-        _check_actor(row, actor, admin, "retry")
+        check_actor(row, actor, admin, "retry", "sweep")
         ids = session.execute(
             update(m.Job).where(m.Job.sweep_id == row.id, m.Job.status.in_(statuses))
-            .values(status="queued", attempts=0, cancel_requested=False, error=None, result=None, progress=None,
-                    worker=None, started_at=None, heartbeat_at=None, finished_at=None, enqueued_at=now)
+            .values(**requeue_values(now))
             .returning(m.Job.id, m.Job.queue, m.Job.priority).execution_options(synchronize_session=False)
         ).all()
         if ids and include_cancelled:

@@ -71,9 +71,8 @@ class MetricsBuffer:
         self.written = 0
         self.failures = 0  # consecutive failed writes
         self._lock = threading.Lock()
-        # Sweep early stopping (jobs/sweeps.py): rows named in `urgent` are written at once, and
-        # `after_write(rows)` runs after each successful write.
-        self.urgent: frozenset[str] = frozenset()
+        # Sweep early stopping (jobs/sweeps.py): `after_write(rows)` runs after each successful write.
+        # An epoch's rows are written at its end anyway (RunContext.flush_metrics, before the checkpoint).
         self.after_write = None
 
     def add(self, rows: list[tuple[str, int, float]]) -> None:
@@ -81,8 +80,6 @@ class MetricsBuffer:
             if not self.rows:
                 self.first_at = time.monotonic()
             self.rows.extend(rows)
-        if self.urgent and any(r[0] in self.urgent for r in rows):
-            self.flush(raise_errors=False)
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
@@ -94,40 +91,36 @@ class MetricsBuffer:
         if due:
             self.flush(raise_errors=False)
 
-    def flush(self, *, raise_errors: bool = True, attempts: int = 1, backoff_s: float = 1.0) -> None:
+    def flush(self, *, raise_errors: bool = True) -> None:
+        """Write the buffered rows once; on failure keep them (RunContext.flush_metrics retries)."""
         with self._lock:
-            for attempt in range(attempts):
-                if not self.rows:
-                    return
-                try:
-                    store.record_metrics(self.job_id, list(self.rows))
-                except Exception as exc:
-                    # The first failure of a run of failures carries the traceback; the rest (a database
-                    # outage retried every second) one line each, so the log stays readable.
-                    self.failures += 1
-                    log.warning("job %s: writing %d metric rows failed (attempt %d/%d; %d in a row): %s: %s",
-                                self.job_id, len(self.rows), attempt + 1, attempts, self.failures,
-                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
-                                exc_info=self.failures == 1)
-                    if attempt + 1 == attempts:
-                        if raise_errors:
-                            raise
-                        return
-                    time.sleep(backoff_s * (attempt + 1))
-                    continue
-                if self.failures:
-                    log.info("job %s: metric rows written again after %d failed attempts", self.job_id,
-                             self.failures)
-                    self.failures = 0
-                self.written += len(self.rows)
-                written, self.rows = self.rows, []
-                self.first_at = None
-                if self.after_write is not None:
-                    try:
-                        self.after_write(written)
-                    except Exception:  # noqa: BLE001 - a hook never fails the job
-                        log.warning("job %s: after-write hook failed", self.job_id, exc_info=True)
+            if not self.rows:
                 return
+            try:
+                store.record_metrics(self.job_id, list(self.rows))
+            except Exception as exc:
+                # The first failure of a run of failures carries the traceback; the rest (a database
+                # outage retried every second) one line each, so the log stays readable.
+                self.failures += 1
+                log.warning("job %s: writing %d metric rows failed (%d in a row): %s: %s",
+                            self.job_id, len(self.rows), self.failures,
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "",
+                            exc_info=self.failures == 1)
+                if raise_errors:
+                    raise
+                return
+            if self.failures:
+                log.info("job %s: metric rows written again after %d failed attempts", self.job_id,
+                         self.failures)
+                self.failures = 0
+            self.written += len(self.rows)
+            written, self.rows = self.rows, []
+            self.first_at = None
+            if self.after_write is not None:
+                try:
+                    self.after_write(written)
+                except Exception:  # noqa: BLE001 - a hook never fails the job
+                    log.warning("job %s: after-write hook failed", self.job_id, exc_info=True)
 
 
 class RunContext:
@@ -302,8 +295,9 @@ def run_job(task: Task, job_id: str) -> str:
 
 
 def _attach_early_stopping(job: store.JobRecord, ctx: RunContext) -> bool:
-    """For a job of a sweep with early stopping: write epoch-end metrics at once and judge the sweep's
-    milestones after each such write (jobs/sweeps.py); a verdict against this job stops it at once."""
+    """For a job of a sweep with early stopping: judge the sweep's milestones after each metrics write
+    (an epoch's rows are written at its end: RunContext.flush_metrics); a verdict against this job
+    stops it at once."""
     try:
         if not job.sweep_id or not sweeps.has_early_stopping(job.sweep_id):
             return False
@@ -316,7 +310,6 @@ def _attach_early_stopping(job: store.JobRecord, ctx: RunContext) -> bool:
             log.info("job %s: stopped by its sweep's early stopping", ctx.job_id)
             ctx.cancel.set()
 
-    ctx.metrics.urgent = frozenset({sweeps.EPOCH_END_MARKER})
     ctx.metrics.after_write = after_write
     return True
 

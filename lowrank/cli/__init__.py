@@ -12,8 +12,6 @@ import importlib
 import pkgutil
 import sys
 
-import pydantic
-
 from lowrank.cli._common import CliError, OneLineParser
 
 
@@ -35,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except pydantic.ValidationError as exc:
-        if exc.title != "Settings":
+    except Exception as exc:
+        # Invalid LOWRANK_* settings (jobs.settings.Settings). pydantic is imported by whoever raised it;
+        # importing it up front would cost every `lowrank` command ~40 ms.
+        pydantic = sys.modules.get("pydantic")
+        if pydantic is None or not isinstance(exc, pydantic.ValidationError) or exc.title != "Settings":
             raise
         from jobs.settings import describe_settings_error
 

@@ -20,10 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowrank.cli._common import CliError, parse_int_list, print_json
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-
+from lowrank.cli._common import CliError, parse_int_list, parse_str_list, print_json
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -174,7 +171,7 @@ def _parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise CliError(f"--grid must be KEY=V1,V2,... (e.g. rank=1,2,4), got {item!r}")
         if key in grid:
             raise CliError(f"--grid {key} given twice")
-        grid[key] = [_value(v.strip()) for v in text.split(",") if v.strip()]
+        grid[key] = [_value(v) for v in parse_str_list(text)]
     return grid
 
 
@@ -236,22 +233,23 @@ def _watch(c, sweep_id: str, interval: float, timeout: float | None, *, quiet: b
     # The bar keeps to one short line (it must fit 80 columns); the counts get their own line.
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=console)
+    from lowrank.client import TERMINAL, WaitTimeout
+
     sweep = c.get_sweep(sweep_id)
     task = bar.add_task(sweep["status"], total=sweep["total"])
-    deadline = None if timeout is None else time.monotonic() + timeout
     with Live(Group(bar), console=console, refresh_per_second=4, transient=quiet) as live:
-        while True:
-            sweep = c.get_sweep(sweep_id)
-            done = sum(sweep["counts"][s] for s in TERMINAL)
-            bar.update(task, completed=done, description=sweep["status"])
-            table = c.results_table(sweep_id)
-            live.update(Group(_results_rich_table(table, title=sweep.get("name") or sweep_id),
-                              Text(_progress_line(sweep)), bar))
-            if sweep["counts"]["queued"] + sweep["counts"]["running"] == 0:
-                return sweep
-            if deadline is not None and time.monotonic() > deadline:
-                raise CliError(f"--timeout: sweep {sweep_id} unfinished after {timeout:g} s ({_progress_line(sweep)})")
-            time.sleep(interval)
+        def show(s: dict[str, Any]) -> None:  # after each of the SDK's polls
+            nonlocal sweep
+            sweep = s
+            bar.update(task, completed=sum(s["counts"][k] for k in TERMINAL), description=s["status"])
+            live.update(Group(_results_rich_table(c.results_table(sweep_id), title=s.get("name") or sweep_id),
+                              Text(_progress_line(s)), bar))
+
+        try:
+            return c.wait_sweep(sweep_id, timeout=timeout, poll_s=interval, progress=show)
+        except WaitTimeout:
+            raise CliError(f"--timeout: sweep {sweep_id} unfinished after {timeout:g} s "
+                           f"({_progress_line(sweep)})") from None
 
 
 def cmd_sweep_watch(args: argparse.Namespace) -> int:
@@ -314,7 +312,7 @@ def cmd_sweep_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    group_by = [g.strip() for g in args.group_by.split(",") if g.strip()] if args.group_by else None
+    group_by = parse_str_list(args.group_by) if args.group_by else None
     with _client(args) as c:
         if args.csv:
             sys.stdout.write(c.results_csv(args.id, metric=args.metric, group_by=group_by))
@@ -380,6 +378,8 @@ def _metric_lines(series: list[dict[str, Any]], after_step: int) -> tuple[list[s
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """The job's status, its metric series as lines (step: name=value ...), and its error text."""
+    from lowrank.client import TERMINAL
+
     with _client(args) as c:
         job = c.job(args.id)
         metrics = c.metrics(args.id, max_points=100_000)

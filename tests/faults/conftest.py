@@ -21,7 +21,6 @@ tests (never skips). Timings are test-friendly: heartbeat 1 s, stale after 6 s, 
 """
 from __future__ import annotations
 
-import os
 import secrets
 import signal
 import uuid
@@ -83,22 +82,11 @@ def fault_env(fault_pg: PrivatePostgres, fault_redis: PrivateRedis, fault_dir: P
         # threads make a tiny epoch take many seconds.
         "OMP_NUM_THREADS": "1",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from jobs import migrate
-    from jobs.settings import reset_settings
 
-    reset_settings()
-    try:
+    with svc.lowrank_environment(env):
         migrate.upgrade(fault_pg.url)
         yield env
-    finally:
-        reset_settings()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="package")

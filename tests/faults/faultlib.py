@@ -33,7 +33,6 @@ svc = _load_service_helpers()
 ServiceProcess = svc.ServiceProcess
 free_port = svc.free_port
 wait_job = svc._wait_job  # noqa: SLF001
-TERMINAL = svc.TERMINAL
 SHARED_PORTS = (5432, 6379)
 
 # A dense ResNet-18 on 8 px synthetic images: 4 steps of 4 images an epoch (well under a second on an idle

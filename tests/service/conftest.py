@@ -29,6 +29,7 @@ and LOWRANK_TEST_REDIS_URL. Test-friendly timings: heartbeat 1 s, stale after 10
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -93,6 +94,27 @@ def _services_reachable() -> None:
         _unreachable(f"Redis at {REDIS_URL}", exc)
 
 
+@contextlib.contextmanager
+def lowrank_environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` (LOWRANK_* and the like) in os.environ with jobs.settings re-read; on exit the previous
+    values come back and settings are reset again (which also closes pooled database connections,
+    so the database can be dropped next)."""
+    from jobs.settings import reset_settings
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_settings()
+    try:
+        yield
+    finally:
+        reset_settings()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session", autouse=True)
 def service_env(_services_reachable: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     token = secrets.token_hex(4)
@@ -110,22 +132,13 @@ def service_env(_services_reachable: None, tmp_path_factory: pytest.TempPathFact
         "LOWRANK_STALE_AFTER_S": "10",
         "LOWRANK_REAP_INTERVAL_S": "2",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from jobs import migrate
-    from jobs.settings import reset_settings
 
-    reset_settings()
     try:
-        migrate.upgrade(url)
-        yield env
+        with lowrank_environment(env):
+            migrate.upgrade(url)
+            yield env
     finally:
-        reset_settings()  # closes pooled connections before the DROP
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         drop_database(db_name)
         _clean_redis(env["LOWRANK_QUEUE_PREFIX"])
 
