@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-core test-service bench bench-quick browser tools clean
+.PHONY: demo test test-random test-core test-service bench bench-quick browser tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,11 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[worker,test]'
 	touch $(STAMP)
 
-# Debian packages the tests use: chromium for the dashboard's browser tests (Playwright drives it;
-# no browser download), shellcheck for the Slurm script, docker-compose to validate the compose file.
-TOOLS := chromium:chromium shellcheck:shellcheck docker-compose:docker-compose
+# Debian packages the tests use (command:package): chromium for the dashboard's browser tests
+# (Playwright drives it; no browser download), shellcheck for the Slurm script, docker-compose to
+# validate the compose file, and Slurm 22.05 with munge for the single-node cluster that runs the
+# Slurm script for real (tests/deploy/slurm). The daemons live in /usr/sbin, not on every PATH.
+TOOLS := chromium:chromium shellcheck:shellcheck docker-compose:docker-compose \
+         slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge
 tools:
-	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t##*:}"; done; \
+	@missing=""; for t in $(TOOLS); do c=$${t%%:*}; command -v $$c >/dev/null 2>&1 || test -x /usr/sbin/$$c \
+	  || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for the tests:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -29,6 +33,12 @@ demo: $(STAMP)
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The same suite in a random order (modules shuffled, tests shuffled within each): every test must
+# pass alone and after any other. The seed is printed; SEED=<n> replays an order. `make test` keeps the
+# files' order, so a failure there is reproducible without a seed.
+test-random: $(STAMP) tools
+	$(BIN)/python -m pytest -p no:cacheprovider $(if $(SEED),--random-order-seed=$(SEED),--random-order) tests
 
 test-core: $(STAMP)
 	$(BIN)/python -m pytest -q tests/core

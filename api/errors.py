@@ -11,8 +11,8 @@ from typing import Any
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from kombu.exceptions import OperationalError as BrokerOperationalError
 from sqlalchemy import exc as sa_exc
@@ -58,8 +58,10 @@ def domain_error_response(exc: DomainError) -> JSONResponse:
     body = {"detail": exc.message, "code": exc.code}
     if exc.details:
         body["info"] = jsonable_encoder(exc.details)
-    headers = {"WWW-Authenticate": 'Bearer realm="lowrank"'} if exc.status_code == 401 else None
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+    headers = {"WWW-Authenticate": 'Bearer realm="lowrank"'} if exc.status_code == 401 else {}
+    if getattr(exc, "retry_after_s", None):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -5,8 +5,6 @@ It never imports torch, core/ or worker/ (tests/test_api_no_torch.py checks).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +14,8 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
+from api.routes import dashboard, health, jobs, prometheus, sweeps, uploads
 from api.security import install_security
-from api.routes import health, jobs, uploads
 from jobs import migrate
 from jobs.db import dispose_engines
 from jobs.queue import make_celery
@@ -49,12 +47,8 @@ def create_app() -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, settings=settings)
-    for module in (health, jobs, uploads):
+    for module in (health, jobs, uploads, prometheus, dashboard, sweeps):
         app.include_router(module.router)
-    # Optional routers owned by other areas; included when present in this build.
-    for name in ("api.routes.prometheus", "api.routes.dashboard", "api.routes.sweeps"):
-        if importlib.util.find_spec(name) is not None:
-            app.include_router(importlib.import_module(name).router)
     # Last: its middleware is the outermost (token checked before a body is read) and its OpenAPI
     # hook sees every route.
     install_security(app, settings)

@@ -54,6 +54,10 @@ class MetricSeriesPublic(_Public):
     values: list[float | None] = Field(description="null = NaN or infinite")
     total: int = Field(description="points stored for this series")
     downsampled: bool
+    epochs: list[float | None] | None = Field(
+        None, description="the job's epoch (1-based) at each step (null where none was recorded); null for jobs "
+                          "without an `epoch` series. Epoch-level series (val_*, train_loss) are recorded once per "
+                          "epoch, at its last step")
 
 
 class MetricsPublic(BaseModel):
@@ -75,7 +79,8 @@ class UploadPublic(_Public):
     format: str = Field(description="npy | npz | safetensors | pt")
     size: int = Field(description="bytes")
     sha256: str
-    arrays: dict[str, Any] | None = Field(description="{name: {shape, dtype}}; null for .pt (checked by the worker)")
+    arrays: dict[str, Any] | None = Field(description="{name: {shape, dtype}} of its tensors (a .pt: its state_dict's); "
+                                                      "null for a .pt of one tensor or without named tensors")
     created_at: dt.datetime
 
 

@@ -13,7 +13,7 @@ files (they hold no data: their JavaScript reads /api/v1 with the viewer's token
 routes: anything that returns stored data lives under /api/. The principal lands in `scope["state"]["principal"]`,
 which api.deps.get_principal hands to the routes (owner of what is created; owner/admin rule).
 
-Verification is cached per process for `LOWRANK_AUTH_CACHE_S` seconds (default 5), both valid and
+Verification is cached per process for `LOWRANK_AUTH_CACHE_S` seconds (Settings.auth_cache_s, default 5), both valid and
 unknown tokens, so a busy client costs one database lookup per window, not one per request; a
 revocation takes effect within that window.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from typing import Any
@@ -95,7 +94,7 @@ class BearerAuth:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.cache = TokenCache(float(os.environ.get("LOWRANK_AUTH_CACHE_S", "5")))
+        self.cache = TokenCache(settings.auth_cache_s)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(mod, "RESULTS"):  # modules that did `from bench.common import RESULTS`
                 mod.RESULTS = out
             mod.run(quick=args.quick)
-        except Exception as exc:  # one broken benchmark must not hide the others' numbers
+        except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others' numbers
             failed.append(name)
             print(f"!! bench {name} failed: {exc!r}", file=sys.stderr, flush=True)
         timings[name] = time.perf_counter() - t0

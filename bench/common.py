@@ -47,7 +47,7 @@ def environment_header() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((l.split(":", 1)[1].strip() for l in fh if l.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
     device = "cpu"
@@ -64,7 +64,7 @@ def environment_header() -> str:
     except OSError:
         load = ""
     return (
-        f"*Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC} on {cpu} "
+        f"*Measured {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M UTC} on {cpu} "
         f"({os.cpu_count()} cores), device {device}; Python {platform.python_version()}, {versions}{load}.*\n"
     )
 
@@ -110,7 +110,7 @@ def write_result(name: str, markdown: str, data: dict[str, Any] | None = None) -
     meta = {
         "name": name,
         "markdown": path.name,
-        "written_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "written_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "measured": header.group(1) if header else None,
         "mode": MODE,
         "data": data,
@@ -118,6 +118,45 @@ def write_result(name: str, markdown: str, data: dict[str, Any] | None = None) -
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
     return path
+
+
+PY_LOOP_N = 10_000_000
+
+
+def python_loop_seconds(n: int = PY_LOOP_N) -> float:
+    """Seconds one pure-Python loop of `n` integer additions takes here (best of 3): the machine's
+    single-core speed for interpreter-bound work, so runs on different days (or VMs) can be told
+    apart from code changes. An idle modern x86 core: about 0.4-0.6 s."""
+    import time
+
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        s = 0
+        for i in range(n):
+            s += i
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def process_group_cpu_s(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group `pgid` (from /proc): the
+    API's own cost, whatever else runs on the machine. NaN where /proc is absent."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    try:
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return float("nan")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:  # fields after "(comm)": state ppid pgrp ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def cpu_busy_fraction(seconds: float = 2.0) -> float:

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.factorize import factorize_model  # noqa: E402
-from core.models import build_model, count_macs, count_params  # noqa: E402
-from core.train import train  # noqa: E402
+# After the sys.path line above: the script runs as a file on a GPU node, without the package installed.
+from core.factorize import factorize_model  # noqa: E402 - see above
+from core.models import build_model, count_macs, count_params  # noqa: E402 - see above
+from core.train import train  # noqa: E402 - see above
 
 
 def compute_throughput(ratio: float | None, batch: int, amp: str, steps: int = 20) -> dict:
@@ -69,7 +70,7 @@ def epoch(ratio: float | None, images: int, batch: int, amp: str) -> dict:
     cfg = dict(model="resnet50", dataset="synthetic", num_classes=100, image_size=224,
                synthetic_train_size=images, synthetic_val_size=min(1024, images), epochs=1, batch_size=batch,
                lr=0.1, warmup_epochs=0.2, amp=amp, channels_last=True, device="cuda",
-               num_workers=min(8, os.cpu_count() or 1), log_every=10)
+               num_workers=min(8, os.cpu_count() or 1), log_every=10, init="dense")
     if ratio is not None:
         cfg.update(rank_ratio=ratio, init="nkp")
     t0 = time.perf_counter()

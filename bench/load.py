@@ -79,7 +79,8 @@ def api_stack(workdir: Path, workers: int, server: str = "lowrank") -> Iterator[
                 if time.monotonic() > deadline:
                     raise RuntimeError("API not ready after 90 s")
                 time.sleep(0.3)
-            yield {"port": port, "url": stack["url"], "prefix": stack["prefix"], "db": stack["db"], "cf": cf}
+            yield {"port": port, "url": stack["url"], "prefix": stack["prefix"], "db": stack["db"], "cf": cf,
+                   "pgid": proc.pid}
         finally:
             api.stop(timeout=20)
 
@@ -199,12 +200,15 @@ def _measure(cfg: dict[str, Any], workdir: Path, server: str) -> dict[str, Any]:
         for label, n, rate in (("closed loop", cfg["jobs"], None), ("paced", cfg["paced_jobs"], cfg["paced_rate"])):
             tag = f"load-{secrets.token_hex(4)}"
             load = os.getloadavg()[0]
+            cpu0 = common.process_group_cpu_s(stack["pgid"])
             res = asyncio.run(_drive(stack["port"], cfg["clients"], n, tag, rate))
+            res["api_cpu_ms_per_request"] = 1000 * (common.process_group_cpu_s(stack["pgid"]) - cpu0) / n
             res["loadavg"] = [load, os.getloadavg()[0]]
             res["check"] = _verify(stack, tag, res["ids"])
             results[label] = res
             print(f"load {server} {label}: {res['rps']:.0f} req/s, p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} "
-                  f"ms, errors {len(res['errors'])}, load {res['loadavg']}, check {res['check']}", flush=True)
+                  f"ms, API CPU {res['api_cpu_ms_per_request']:.2f} ms/request, errors {len(res['errors'])}, "
+                  f"load {res['loadavg']}, check {res['check']}", flush=True)
     return results
 
 
@@ -219,6 +223,7 @@ def run(quick: bool) -> None:
     import tempfile
 
     busy_before = common.cpu_busy_fraction()
+    loop_s = common.python_loop_seconds()
     load_before = os.getloadavg()
     by_server: dict[str, dict[str, Any]] = {}
     # Before first, then after: alternate order would not help on a machine whose load drifts by minutes.
@@ -236,6 +241,7 @@ def run(quick: bool) -> None:
     rows = "\n".join(
         f"| {SERVERS[server]} | {label} | {r['clients']} | {r['n']} | {offered(r)} "
         f"| {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.0f} "
+        f"| {r['api_cpu_ms_per_request']:.2f} "
         f"| {r['check']['rows']} / {r['check']['messages']} | {len(r['errors'])} "
         f"| {r['loadavg'][0]:.1f} -> {r['loadavg'][1]:.1f} |"
         for server, res in by_server.items() for label, r in res.items())
@@ -265,10 +271,14 @@ on a fresh database: the app under uvicorn's pure-Python event loop and HTTP par
 default 40 handler threads per process (asyncio + h11: before uvloop and httptools became
 dependencies); the same with uvloop + httptools (before the `api_threads` setting); and `lowrank api`
 as shipped, whose sync handlers run on LOWRANK_API_THREADS (default 4) threads per process: fewer
-threads contending for the GIL. Load average (1 min, 2 CPUs) is given per run.
+threads contending for the GIL. Load average (1 min, 2 CPUs) is given per run. API CPU ms / request:
+user + system CPU of the API's processes during the run over the jobs, the API's own cost per
+submission whatever else shares the machine (Postgres, Redis and the clients take more on top).
+Machine speed: one pure-Python loop of 10^7 integer additions took {loop_s:.2f} s here before the run
+(best of 3; an idle modern x86 core takes about 0.4-0.6 s), so runs on different days compare.
 
-| server | run | clients | jobs | offered rate | req/s | p50 ms | p90 ms | p99 ms | max ms | rows / messages | errors | load avg |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| server | run | clients | jobs | offered rate | req/s | p50 ms | p90 ms | p99 ms | max ms | API CPU ms / request | rows / messages | errors | load avg |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
 
 Closed-loop throughput in this run, `lowrank api` as shipped / 40 threads: {ratio_threads:.2f}x (p99 {closed['p99_ms']:.0f} ms vs
@@ -284,6 +294,9 @@ Goal (>= {GOAL_RPS:.0f} submissions/s with p99 < {GOAL_P99_MS:.0f} ms, {"quick m
 {closed_note}
 * paced at {paced['rate_target']:.0f} submissions/s (open loop, {cfg['clients']} clients): {paced['rps']:.0f} req/s achieved,
   p50 {paced['p50_ms']:.1f} ms, p99 {paced['p99_ms']:.1f} ms: {"met" if met_paced else "NOT met"}.
+* capacity: at {closed['api_cpu_ms_per_request']:.2f} ms of API CPU per submission (closed loop), the {os.cpu_count()} CPUs
+  allow at most {1000 * (os.cpu_count() or 1) / closed['api_cpu_ms_per_request']:.0f} submissions/s for the API alone, before Postgres, Redis and the clients
+  take their share; the goal's rate needs {GOAL_RPS * closed['api_cpu_ms_per_request'] / 1000:.2f} of the {os.cpu_count()} CPUs for the API alone.
 
 Per request the API validates the spec, writes the job and its tags in one autocommit statement
 (store.create_job on Postgres) and sends one Celery message to Redis; the request handler runs in
@@ -298,6 +311,7 @@ the threadpool of each of the {cfg['api_workers']} processes.
     data["ratio_closed_rps"] = ratio
     data["ratio_closed_rps_vs_40_threads"] = ratio_threads
     data["exactly_once"] = ok
+    data["python_loop_s"] = loop_s
     data["loadavg"] = {"start": load_before[0], "end": load_after[0]}
     data["cpu_busy_before"] = busy_before
     path = common.write_result("load", md, data)

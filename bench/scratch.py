@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 _NAME = "_lowrank_service_conftest"
 
 
-def conftest():  # noqa: ANN201 - the module tests/service/conftest.py, imported by path once
+def conftest():
     if _NAME in sys.modules:
         return sys.modules[_NAME]
     spec = importlib.util.spec_from_file_location(_NAME, REPO / "tests" / "service" / "conftest.py")
@@ -27,7 +27,7 @@ def conftest():  # noqa: ANN201 - the module tests/service/conftest.py, imported
     return mod
 
 
-def call(fn, *args, **kwargs):  # noqa: ANN001, ANN201
+def call(fn, *args, **kwargs):
     """The conftest helpers report failures with pytest.fail (a BaseException): make it an error here."""
     import pytest
 
@@ -37,18 +37,18 @@ def call(fn, *args, **kwargs):  # noqa: ANN001, ANN201
         raise RuntimeError(str(exc)) from None
 
 
-def check_reachable(cf) -> None:  # noqa: ANN001
+def check_reachable(cf) -> None:
     """A clear error naming the URL when Postgres or Redis is not there (before anything is created)."""
     import redis
 
     try:
         with cf._pg_admin_connect() as conn:
             conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure: say which service the benchmarks need
         raise RuntimeError(f"the service benchmarks need PostgreSQL at {cf.PG_ADMIN_URL}: {exc}") from None
     try:
         redis.Redis.from_url(cf.REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - any failure: say which service the benchmarks need
         raise RuntimeError(f"the service benchmarks need Redis at {cf.REDIS_URL}: {exc}") from None
 
 

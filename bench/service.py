@@ -74,6 +74,9 @@ def _new_job() -> str:
     from jobs import store
 
     job, _ = store.create_job(dict(TINY_JOB, name="bench-metrics"))
+    # A holder for metric rows, never sent: cancelled at once, so no worker's slot message (which claims the
+    # oldest queued job, jobs/claims.py) runs it in place of a job the benchmark submits later.
+    store.request_cancel(job.id)
     return job.id
 
 
@@ -250,7 +253,7 @@ def run(quick: bool) -> None:
 {common.environment_header()}
 Produced by `python -m bench {'--quick ' if quick else ''}service` (bench/service.py) in {total:.0f} s, against real
 processes: Postgres (scratch database, migrated to head), Redis (unique queue prefix), a uvicorn
-API process and a Celery worker process (prefork, concurrency 1) started the way the service tests
+API process and a Celery worker process (concurrency 1: one job process at a time) started the way the service tests
 start them (API + worker ready in {startup:.1f} s). The machine is shared; the database is the shared
 local Postgres server.
 

@@ -152,6 +152,7 @@ def run(quick: bool = False) -> Path:
         # per message (before) and bulk (after) on the same jobs.
         from jobs import sweeps
         from jobs.queue import enqueue_jobs, make_celery
+        from jobs.sweeps import results_table
 
         n = cfg["create_sizes"][-1]
         req = sweeps.SweepCreate.model_validate(sweep_body(n, "phases"))
@@ -218,9 +219,9 @@ def run(quick: bool = False) -> Path:
         for _ in range(cfg["result_reads"] // 3 + 2):
             t0 = time.perf_counter()
             with session_scope() as session:
-                sweep, metric, group_by = sweeps._resolve(session, sid, None, None)
-                doc_py = sweeps._dumps({"sweep_id": sid, "metric": metric, "group_by": group_by,
-                                        "rows": sweeps._results_py(session, sweep, metric, group_by)})
+                sweep, metric, group_by = results_table.resolve(session, sid, None, None)
+                doc_py = results_table.dumps({"sweep_id": sid, "metric": metric, "group_by": group_by,
+                                              "rows": results_table.rows_py(session, sweep, metric, group_by)})
             py_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             doc_pg = sweeps.results_document(sid)

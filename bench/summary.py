@@ -19,7 +19,6 @@ from typing import Any
 
 from bench import common
 
-
 # ----------------------------------------------------------------------------- reading results
 
 class Result:
@@ -140,13 +139,26 @@ def train_goals(res: Result) -> list[Row]:
              for r in t2["rows"] if r["variant"] != "dense"]
     rows.append(("3", "Training throughput (CPU images/s), factored at 0.1 / 0.25 / 0.5 vs dense",
                  "; ".join(parts), "reported", src))
-    t3 = res.table(r"digits", r"^init$", r"val top-1")
-    last = [c for c in t3["columns"] if re.search(r"val top-1", c)][-1]
-    parts = [f"{r['init']} {r[last]}" for r in t3["rows"]]
-    seeds = re.search(r"seeds (\[[^\]]*\])", t3["section"])
-    rows.append(("3", "Digits (ResNet-18, ratio 0.25): random vs spectral vs nkp init over 3 seeds, mean ± std",
-                 f"{last}{', seeds ' + seeds.group(1) if seeds else ''}: " + "; ".join(parts),
-                 "reported" + (" (quick sizes)" if res.mode == "quick" else ""), src))
+    digits = (res.data or {}).get("digits")
+    if digits:
+        runs = digits["runs"]
+        inits = list(dict.fromkeys(r["init"] for r in runs))
+        seeds = sorted({r["seed"] for r in runs})
+        parts = []
+        for ratio in dict.fromkeys(r["ratio"] for r in runs):
+            finals = {i: [r["curve"][-1] for r in runs if r["ratio"] == ratio and r["init"] == i] for i in inits}
+            parts.append(f"ratio {ratio}: " + ", ".join(f"{i} {sum(v) / len(v):.4f}" for i, v in finals.items()))
+        rows.append(("3, 12", "Digits (ResNet-18, shipped digits recipe): final val top-1 per init, mean over seeds",
+                     f"seeds {seeds}, {len(runs[0]['curve'])} epoch(s): " + "; ".join(parts),
+                     "reported" + (" (quick sizes)" if res.mode == "quick" else ""), src))
+        paired = digits["paired_nkp_minus_spectral"]
+        if paired:
+            def one(p: dict) -> str:
+                ci = "" if p["ci_low"] is None else f" [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+                return f"ratio {p['ratio']}: {p['mean']:+.4f}{ci} ({'significant' if p['significant'] else 'not significant'})"
+            rows.append(("12", "Digits: nkp - spectral final val top-1, paired by seed, 95% CI (Student t)",
+                         f"n = {paired[0]['n']}: " + "; ".join(one(p) for p in paired),
+                         "reported" + (" (quick sizes)" if res.mode == "quick" else ""), src))
     try:
         t4 = res.table(r"batchnorm", r"after BN")
         gains = [f"ratio {r['ratio']}: {col(r, 'no BN')} -> {col(r, 'after BN')}" for r in t4["rows"]
@@ -248,6 +260,108 @@ def service_goals(res: Result) -> list[Row]:
     ]
 
 
+def search_goals(res: Result) -> list[Row]:
+    """bench/search.py: data = {"hv_fraction_tpe": [...], "hv_fraction_random": [...], "budget_trials",
+    "grid_points", "seeds", "grid_wall_s", "search_wall_s_tpe": [...]}."""
+    src = res.stamp()
+    d = res.data
+    if not d.get("hv_fraction_tpe"):
+        raise LookupError("search.json has no hv_fraction_tpe")
+
+    def spread(xs: list[float]) -> str:
+        return f"{sum(xs) / len(xs):.3f} ({min(xs):.3f} to {max(xs):.3f})"
+
+    measured = (f"TPE {spread(d['hv_fraction_tpe'])}, random search {spread(d['hv_fraction_random'])} over seeds "
+                f"{d['seeds']}: {d['budget_trials']} trials vs the grid's {d['grid_points']}; wall time "
+                f"{sum(d['search_wall_s_tpe']) / len(d['search_wall_s_tpe']):.0f} s per TPE search vs "
+                f"{d['grid_wall_s']:.0f} s for the grid")
+    return [("15", "Search vs the full grid: hypervolume of the front found with 30% of the grid's trials, as a "
+                   "fraction of the grid's, over 3 seeds", measured,
+             "reported" + (" (quick sizes)" if res.mode == "quick" else ""), src)]
+
+
+def speed_goals(res: Result) -> list[Row]:
+    """bench/speed.py: data = {"matrix": [{what, r, spectral_s, nkp_s, ratio}], "models": [{what, ratio,
+    spectral_s, nkp_s, ratio_time, max_layer_diff}], "latency": [compare_latency results], "goal", "error_goal"}."""
+    src = res.stamp()
+    d = res.data
+    if not d.get("matrix"):
+        raise LookupError("speed.json has no data")
+    goal, err_goal = float(d["goal"]), float(d["error_goal"])
+    quick = " (quick sizes)" if res.mode == "quick" else ""
+    mat = d["matrix"]
+    rows: list[Row] = [("17", f"NKP at most {goal}x spectral's time, 4096 x 4096 (r = 16, 256), same run",
+                        "; ".join(f"{m['what'].split()[0]} r = {m['r']}: {m['ratio']:.2f}x ({m['nkp_s']:.1f} s vs "
+                                  f"{m['spectral_s']:.1f} s)" for m in mat),
+                        _verdict(all(m["ratio"] <= goal for m in mat), res), src)]
+    models = d.get("models") or []
+    if models:
+        over = [m for m in models if m["ratio_time"] > goal]
+        verdict = _verdict(not over, res) if not over else (
+            "**not met**: " + ", ".join(f"{m['what']} @ {m['ratio']} ({m['ratio_time'] / goal - 1:+.0%})" for m in over)
+            + quick)
+        rows.append(("17", f"NKP at most {goal}x spectral's time, whole ResNet-50 / EfficientNet-B0 (ratios 0.1 / 0.25 / 0.5)",
+                     "; ".join(f"{m['what']} @ {m['ratio']}: {m['ratio_time']:.2f}x" for m in models), verdict, src))
+        worst = max(m["max_layer_diff"] for m in models)
+        rows.append(("17", "NKP's error within 0.01 % of the float64 path, every layer",
+                     f"largest per-layer relative difference {worst:.1e}", _verdict(worst <= err_goal, res), src))
+    parts = []
+    for r in d.get("latency") or []:
+        e2e = {(e["batch"], e["variant"]): e for e in r["latency"]["end_to_end"]}
+        parts.append(f"{r['model']} {r['image_size']} px @ {r['rank_ratio']}: " + ", ".join(
+            f"b{b} {e2e[(b, 'factored')]['speedup']:.2f}x / {e2e[(b, 'latency-aware')]['speedup']:.2f}x"
+            for b in r["batches"] if (b, "latency-aware") in e2e) + f", {len(r['kept_dense'])} kept dense")
+    if parts:
+        rows.append(("17", "Forward latency (CPU, 1 thread): factored / latency-aware speed-up over dense, end to end",
+                     "; ".join(parts), "reported" + quick, src))
+    return rows
+
+
+def compress_goals(res: Result) -> list[Row]:
+    """bench/compress.py: data = {"dense", "runs": [{budget, method, allocation, seed, refine, top1, top1_ft, ...}],
+    "paired_vs_spectral": [{budget, allocation, method, before, after}], "big": [{model, method, wall_s, ...}]}."""
+    src = res.stamp()
+    d = res.data
+    if not d.get("runs"):
+        raise LookupError("compress.json has no runs")
+    quick = " (quick sizes)" if res.mode == "quick" else ""
+    runs = [r for r in d["runs"] if r["refine"] == "off"]
+    parts = []
+    for b in dict.fromkeys(r["budget"] for r in runs):
+        cells: dict[tuple[str, str], list[dict]] = {}
+        for r in runs:
+            if r["budget"] == b:
+                cells.setdefault((r["method"], r["allocation"]), []).append(r)
+        for key, label in (("top1", "before"), ("top1_ft", "after 1 epoch")):
+            means = {k: sum(r[key] for r in v) / len(v) for k, v in cells.items()}
+            (m, a), best = max(means.items(), key=lambda kv: kv[1])
+            spec = {k: v for k, v in means.items() if k[0] == "spectral"}
+            nkp = max((v for k, v in means.items() if k[0] in ("nkp", "nkp-data")), default=None)
+            parts.append(f"budget {b} {label}: best {m}/{a} {best:.3f}, spectral {max(spec.values()):.3f}"
+                         + (f", best NKP {nkp:.3f}" if nkp is not None else ""))
+    dense = d["dense"]["val_top1"]
+    rows: list[Row] = [("13", "Compressed ResNet-18 (digits, dense top-1 from the shipped recipe): top-1 before and "
+                              "after 1 fine-tuning epoch, best method / allocation per budget (mean over seeds)",
+                        f"dense {dense:.3f}; " + "; ".join(parts), "reported" + quick, src)]
+    sig = [p for p in d.get("paired_vs_spectral", []) if p["before"]["significant"] or p["after"]["significant"]]
+    n = d["paired_vs_spectral"][0]["before"]["n"] if d.get("paired_vs_spectral") else 0
+
+    def one(p: dict) -> str:
+        return (f"{p['method']} @ {p['budget']}/{p['allocation']}: {p['before']['mean']:+.3f} before"
+                f"{'*' if p['before']['significant'] else ''}, {p['after']['mean']:+.3f} after"
+                f"{'*' if p['after']['significant'] else ''}")
+    rows.append(("13", "Compress methods minus spectral, top-1 paired by calibration seed, 95% CI (* excludes 0)",
+                 f"n = {n}; " + ("; ".join(one(p) for p in sig) if sig else "no difference significant"),
+                 "reported" + quick, src))
+    if d.get("big"):
+        rows.append(("13", "Whole-network compression time and peak memory (ResNet-50 / EfficientNet-B0, "
+                           "synthetic calibration images)",
+                     "; ".join(f"{b['model']} {b['method']}: {b['compress_s']:.0f} s, peak RSS {b['peak_rss_mb']:.0f} MB "
+                               f"(second moments {b['stats_peak_mb']:.0f} MB at once)" for b in d["big"]),
+                     "reported" + quick, src))
+    return rows
+
+
 # (result name, what it covers when missing, issue, reader)
 SOURCES: list[tuple[str, str, str, Callable[[Result], list[Row]]]] = [
     ("approx", "approximation quality and speed (bench/approx.py)", "2", approx_goals),
@@ -255,6 +369,10 @@ SOURCES: list[tuple[str, str, str, Callable[[Result], list[Row]]]] = [
     ("service_sweeps", "sweep creation and the 10,000-job results query (bench/service_sweeps.py)", "5", sweeps_goals),
     ("load", "50-client submission throughput and latency (bench/load.py)", "7", load_goals),
     ("service", "metric ingestion and submit-to-running (bench/service.py)", "9", service_goals),
+    ("search", "search sweeps versus the full grid: hypervolume (bench/search.py)", "15", search_goals),
+    ("speed", "factored latency, latency-aware factorization, NKP vs spectral time (bench/speed.py)", "17", speed_goals),
+    ("compress", "compressing a trained network: methods, allocation, refine, fine-tuning (bench/compress.py)", "13",
+     compress_goals),
 ]
 
 

@@ -6,9 +6,11 @@ Writes docs/results/train.md and train_digits.png.
    ratios 0.1 / 0.25 / 0.5 (quick: 0.25), interleaved in one run; mean per-layer error of each.
 2. Training throughput on CPU (images/s of forward + backward + SGD step on a fixed batch),
    dense versus factored at ratios 0.1 / 0.25 / 0.5, with the MAC and parameter ratios beside it.
-3. Digits (scikit-learn, 1437 train / 360 val, 32 px): ResNet-18 at ratio 0.25 trained with
-   the test's recipe from random / spectral / rescale / nkp inits over 3 seeds; validation
-   accuracy after each epoch, mean and standard deviation (quick: 1 seed, 2 epochs, no rescale).
+3. Digits (scikit-learn, 1437 train / 360 val): ResNet-18 trained with the shipped `digits` recipe
+   (core/recipes.py, resolved by TrainConfig exactly as `lowrank train` and a job resolve it) at
+   rank ratios 0.1 / 0.25 / 0.5 from random / spectral / rescale / nkp inits over seeds 0, 1, 2:
+   validation accuracy per epoch, and nkp - spectral paired by seed with its 95% Student t
+   interval per ratio (core.paired). Quick: ratio 0.25, spectral and nkp, seeds 0 and 1, 1 epoch.
 4. The BatchNorm caveat (MATH.md Section 7): per-layer function error of each init on the
    layer's real input activations (digits images through the dense network at init), without
    and with the per-channel batch standardization that the following BatchNorm applies; how much
@@ -30,18 +32,20 @@ from torch import nn
 from bench.common import RESULTS, environment_header, write_result
 from core.factorize import candidate_layers, factorize_model, fresh_init_layer
 from core.models import build_model, count_macs, count_params
+from core.paired import paired_difference
+from core.recipes import RECIPE_FIELDS
 from core.surgery import get_module
-from core.train import train
+from core.train import TrainConfig, train
 
-DIGITS_RECIPE = dict(model="resnet18", dataset="digits", rank_ratio=0.25, batch_size=64, lr=0.02, nesterov=True,
-                     warmup_epochs=0.5, weight_decay=5e-4, device="cpu")
+# What the digits comparison chooses; everything else is the shipped digits recipe (core/recipes.py).
+DIGITS_RUN = dict(model="resnet18", dataset="digits", device="cpu")
 FULL = {"fact_ratios": [0.1, 0.25, 0.5], "fact_models": ["resnet50", "efficientnet_b0"],
         "tp_models": [("resnet18", 32, 64), ("resnet50", 64, 32), ("efficientnet_b0", 64, 32)],
-        "tp_steps": 6, "digits_inits": ["random", "spectral", "rescale", "nkp"], "digits_seeds": [0, 1, 2],
-        "digits_epochs": 3, "bn_images": 256, "bn_ratios": [0.1, 0.25]}
-QUICK = {"fact_ratios": [0.25], "fact_models": ["efficientnet_b0"],  # a smoke run: about a minute when idle
-         "tp_models": [("resnet18", 32, 32)], "tp_steps": 2, "digits_inits": ["spectral", "nkp"],
-         "digits_seeds": [0], "digits_epochs": 1, "bn_images": 64, "bn_ratios": [0.25]}
+        "tp_steps": 6, "digits_ratios": [0.1, 0.25, 0.5], "digits_inits": ["random", "spectral", "rescale", "nkp"],
+        "digits_seeds": [0, 1, 2], "digits_epochs": None, "bn_images": 256, "bn_ratios": [0.1, 0.25]}
+QUICK = {"fact_ratios": [0.25], "fact_models": ["efficientnet_b0"],  # a smoke run: about two minutes when idle
+         "tp_models": [("resnet18", 32, 32)], "tp_steps": 2, "digits_ratios": [0.25], "digits_inits": ["spectral", "nkp"],
+         "digits_seeds": [0, 1], "digits_epochs": 1, "bn_images": 64, "bn_ratios": [0.25]}
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -117,46 +121,77 @@ def throughput(cfg: dict[str, Any]) -> tuple[str, list[str]]:
 
 # ----------------------------------------------------------------------------- 3. digits accuracy
 
-def digits(cfg: dict[str, Any]) -> tuple[str, dict[str, list[list[float]]], list[str]]:
-    curves: dict[str, list[list[float]]] = {}
-    times: dict[str, list[float]] = {}
-    errors: dict[str, list[float]] = {}
-    for init in cfg["digits_inits"]:
+def digits_config(cfg: dict[str, Any], ratio: float, init: str, seed: int) -> TrainConfig:
+    """The run `lowrank train --dataset digits --rank-ratio R --init I --seed S` makes (recipe resolved)."""
+    epochs = {} if cfg["digits_epochs"] is None else {"epochs": cfg["digits_epochs"]}
+    return TrainConfig.from_dict(dict(DIGITS_RUN, rank_ratio=ratio, init=init, seed=seed, **epochs))
+
+
+def digits(cfg: dict[str, Any]) -> tuple[str, str, dict[str, Any], list[str]]:
+    """Per (ratio, init, seed): val top-1 per epoch, mean per-layer init error, run time; nkp - spectral paired."""
+    runs = []
+    for ratio in cfg["digits_ratios"]:
         for seed in cfg["digits_seeds"]:
-            t0 = time.perf_counter()
-            s = train(dict(DIGITS_RECIPE, init=init, epochs=cfg["digits_epochs"], seed=seed))
-            times.setdefault(init, []).append(time.perf_counter() - t0)
-            curves.setdefault(init, []).append([h["val_top1"] for h in s["history"]])
-            errors.setdefault(init, []).append(s["init_totals"]["mean_error"])
-    epochs = cfg["digits_epochs"]
-    head = "| init | mean per-layer init error | " + " | ".join(f"val top-1 after epoch {e + 1}" for e in range(epochs))
-    lines = [head + " | run time (s) |", "|---" * (epochs + 3) + "|"]
-    notes = []
-    for init, runs in curves.items():
-        cols = [_mean_std([r[e] for r in runs]) for e in range(epochs)]
-        lines.append(f"| {init} | {statistics.mean(errors[init]):.4f} | " + " | ".join(cols)
-                     + f" | {statistics.mean(times[init]):.1f} |")
-        notes.append(f"digits {init}: final val top-1 {_mean_std([r[-1] for r in runs])}")
-    return "\n".join(lines), curves, notes
+            for init in cfg["digits_inits"]:  # interleaved: a slow spell of the shared machine hits every init
+                t0 = time.perf_counter()
+                s = train(digits_config(cfg, ratio, init, seed))
+                runs.append({"ratio": ratio, "init": init, "seed": seed, "curve": [h["val_top1"] for h in s["history"]],
+                             "init_error": s["init_totals"]["mean_error"], "time_s": time.perf_counter() - t0,
+                             "warnings": s["warnings"]})
+                print(f"digits ratio {ratio} {init} seed {seed}: val top-1 {runs[-1]['curve'][-1]:.4f}", flush=True)
+    epochs = len(runs[0]["curve"])
+    lines = ["| ratio | init | mean per-layer init error | "
+             + " | ".join(f"val top-1 after epoch {e + 1}" for e in range(epochs)) + " | run time (s) |",
+             "|---" * (epochs + 4) + "|"]
+    for ratio in cfg["digits_ratios"]:
+        for init in cfg["digits_inits"]:
+            mine = [r for r in runs if r["ratio"] == ratio and r["init"] == init]
+            cols = [_mean_std([r["curve"][e] for r in mine]) for e in range(epochs)]
+            lines.append(f"| {ratio} | {init} | {statistics.mean(r['init_error'] for r in mine):.4f} | "
+                         + " | ".join(cols) + f" | {statistics.mean(r['time_s'] for r in mine):.1f} |")
+    paired = []
+    if {"nkp", "spectral"} <= set(cfg["digits_inits"]):
+        for ratio in cfg["digits_ratios"]:
+            final = {init: {r["seed"]: r["curve"][-1] for r in runs if r["ratio"] == ratio and r["init"] == init}
+                     for init in ("nkp", "spectral")}
+            d = paired_difference(final["nkp"], final["spectral"])
+            paired.append({"ratio": ratio, "mean": d.mean, "std": d.std, "n": d.n, "ci_low": d.ci_low,
+                           "ci_high": d.ci_high, "significant": d.significant})
+    plines = ["| ratio | nkp - spectral, mean | std | n | 95% CI (Student t) | significant |", "|---|---|---|---|---|---|"]
+    for p in paired:
+        ci = "-" if p["ci_low"] is None else f"[{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+        std = "-" if p["std"] is None else f"{p['std']:.4f}"
+        plines.append(f"| {p['ratio']} | {p['mean']:+.4f} | {std} | {p['n']} | {ci} | "
+                      f"{'yes' if p['significant'] else 'no'} |")
+    notes = [f"digits ratio {ratio} {init}: final val top-1 "
+             f"{_mean_std([r['curve'][-1] for r in runs if r['ratio'] == ratio and r['init'] == init])}"
+             for ratio in cfg["digits_ratios"] for init in cfg["digits_inits"]]
+    data = {"recipe": {k: getattr(digits_config(cfg, 0.25, "nkp", 0), k) for k in (*RECIPE_FIELDS, "recipe",
+                                                                                  "image_size", "small_input")},
+            "runs": runs, "paired_nkp_minus_spectral": paired}
+    return "\n".join(lines), "\n".join(plines), data, notes
 
 
-def plot_digits(curves: dict[str, list[list[float]]], path) -> None:
+def plot_digits(runs: list[dict[str, Any]], path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for init, runs in curves.items():
-        t = torch.tensor(runs)
-        mean, std = t.mean(0), (t.std(0) if len(runs) > 1 else torch.zeros(t.shape[1]))
-        x = list(range(1, t.shape[1] + 1))
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation top-1")
-    ax.set_title("ResNet-18, rank ratio 0.25, digits (mean ± std over seeds)", fontsize=10)
-    ax.set_xticks(x)
-    ax.legend()
+    ratios = sorted({r["ratio"] for r in runs})
+    fig, axes = plt.subplots(1, len(ratios), figsize=(max(6.0, 4.2 * len(ratios)), 3.6), sharey=True, squeeze=False)
+    for ax, ratio in zip(axes[0], ratios):
+        for init in dict.fromkeys(r["init"] for r in runs):
+            curves = torch.tensor([r["curve"] for r in runs if r["ratio"] == ratio and r["init"] == init])
+            mean, std = curves.mean(0), (curves.std(0) if len(curves) > 1 else torch.zeros(curves.shape[1]))
+            x = list(range(1, curves.shape[1] + 1))
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=init)
+        ax.set_title(f"rank ratio {ratio}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(x)
+    axes[0][0].set_ylabel("validation top-1")
+    axes[0][-1].legend()
+    fig.suptitle("ResNet-18 on digits, shipped digits recipe (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -236,7 +271,7 @@ def bn_caveat(cfg: dict[str, Any]) -> tuple[str, list[str], dict[float, dict[str
     return "\n".join(lines), notes, gains_by_ratio
 
 
-def reading(gains: dict[float, dict[str, float]], curves: dict[str, list[list[float]]]) -> str:
+def reading(gains: dict[float, dict[str, float]], digits_data: dict[str, Any]) -> str:
     """The conclusions, written from the numbers of this run (nothing here is typed in by hand)."""
     out = []
     for ratio, g in gains.items():
@@ -249,29 +284,29 @@ def reading(gains: dict[float, dict[str, float]], curves: dict[str, list[list[fl
                       else "(BN does not cancel the rescaling here, against MATH.md Section 7's prediction)")
                    + f" and NKP at {g['nkp_bn']:+.2%}: "
                    f"{g['survive']:.0%} of NKP's gain on activations survives BN, the part its subspace brings.")
-    finals = {init: [r[-1] for r in runs] for init, runs in curves.items()}
-    n_epochs = len(next(iter(curves.values()))[0])
-    seeds = len(next(iter(curves.values())))
-    if seeds > 1:
-        for other in [k for k in curves if k != "spectral"]:
-            if "spectral" not in curves:
-                break
-            parts = []
-            for e in range(n_epochs):
-                a = [r[e] for r in curves[other]]
-                b = [r[e] for r in curves["spectral"]]
-                diff = statistics.mean(a) - statistics.mean(b)
-                spread = max(statistics.stdev(a), statistics.stdev(b))
-                parts.append(f"epoch {e + 1}: {diff:+.4f} ({'within' if abs(diff) <= spread else 'beyond'} "
-                             f"the larger seed std {spread:.4f})")
-            out.append(f"* Digits, `{other}` minus `spectral` validation accuracy, mean over {seeds} seeds: "
-                       + "; ".join(parts) + ".")
-    random_note = "" if "random" not in finals else (
-               " The `random` init draws U, V so that U V has the entry variance of the layer's own "
-               "full-rank init (core/approx.py); its function error is that of an independent draw, "
-               "not of an approximation.")
-    out.append("* Final accuracies: " + ", ".join(f"{k} {_mean_std(v)}" for k, v in finals.items()) + "."
-               + random_note)
+    paired = digits_data["paired_nkp_minus_spectral"]
+    if paired:
+        sig = [p for p in paired if p["significant"]]
+        parts = [f"ratio {p['ratio']}: {p['mean']:+.4f}" + (f", 95% CI [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}]"
+                                                             if p["ci_low"] is not None else " (one seed: no interval)")
+                 for p in paired]
+        verdict = ("**No difference is significant**: every 95% interval contains 0, so on digits this run cannot "
+                   "tell NKP's final accuracy from spectral's." if not sig else
+                   "**Significant** (the 95% interval excludes 0) at ratio "
+                   + ", ".join(f"{p['ratio']} ({'NKP better' if p['mean'] > 0 else 'spectral better'})" for p in sig)
+                   + "; not significant at the other ratios.")
+        out.append(f"* Digits, nkp - spectral final val top-1, paired by seed (n = {paired[0]['n']}): "
+                   + "; ".join(parts) + ". " + verdict)
+    runs = digits_data["runs"]
+    finals = [f"ratio {ratio} " + ", ".join(
+        f"{init} {_mean_std([r['curve'][-1] for r in runs if r['ratio'] == ratio and r['init'] == init])}"
+        for init in dict.fromkeys(r["init"] for r in runs)) for ratio in dict.fromkeys(r["ratio"] for r in runs)]
+    warned = [r for r in runs if r["warnings"]]
+    out.append("* Final accuracies (mean ± std over seeds): " + "; ".join(finals) + "."
+               + (f" {len(warned)} run(s) ended at chance level." if warned else " No run ended at chance level.")
+               + ("" if not any(r["init"] == "random" for r in runs) else
+                  " The `random` init draws U, V so that U V has the entry variance of the layer's own full-rank "
+                  "init (core/approx.py); its function error is that of an independent draw, not of an approximation."))
     return "\n".join(out)
 
 
@@ -289,14 +324,18 @@ def run(quick: bool) -> None:
         print("\n".join(n2), flush=True)
         bn_table, n4, gains = bn_caveat(cfg)
         print("\n".join(n4), flush=True)
-        dig_table, curves, n3 = digits(cfg)
+        t3 = time.perf_counter()
+        dig_table, paired_table, digits_data, n3 = digits(cfg)
+        digits_s = time.perf_counter() - t3
         print("\n".join(n3), flush=True)
-        plot_digits(curves, RESULTS / "train_digits.png")
+        plot_digits(digits_data["runs"], RESULTS / "train_digits.png")
         total = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
 
-    recipe = ", ".join(f"{k}={v}" for k, v in DIGITS_RECIPE.items() if k not in ("model", "dataset", "device"))
+    recipe = ", ".join(f"{k}={v}" for k, v in digits_data["recipe"].items())
+    epochs = len(digits_data["runs"][0]["curve"])
+    cut = "" if cfg["digits_epochs"] is None else f" (cut to {epochs} for the quick run)"
     md = f"""# Factored networks: factorize time, throughput, digits accuracy, the BatchNorm caveat
 
 {environment_header()}
@@ -307,6 +346,8 @@ Produced by `python -m bench {'--quick ' if quick else ''}train` (bench/train.py
 
 Per-layer init is each layer's seeded `reset_parameters()` draw; "mean error" is the mean over
 factored layers of the normalized function error `L(UV)/L(0)` on Gaussian inputs (MATH.md Section 2).
+NKP's cost next to spectral, with repeated runs and its error against the float64 path, is measured in
+[speed.md](speed.md) (bench/speed.py).
 
 {fact_table}
 
@@ -319,14 +360,22 @@ the machine's peak.
 
 {tp_table}
 
-## 3. Digits accuracy by init (ResNet-18, rank ratio 0.25, {cfg['digits_epochs']} epochs, seeds {cfg['digits_seeds']})
+## 3. Digits accuracy by init (ResNet-18, rank ratios {cfg['digits_ratios']}, {epochs} epoch(s), seeds {cfg['digits_seeds']})
 
-Recipe (the one `tests/core/test_train.py` uses): {recipe}; standard stem (32 px input, so the
-first stage sees 8x8 maps, the digits' native resolution). Mean ± standard deviation over seeds.
+The shipped `digits` recipe (core/recipes.py), resolved by `TrainConfig` as `lowrank train` and a
+job resolve it, nothing else set but model, rank ratio, init and seed: {recipe}{cut}. The small-image
+stem on the digits' native 8 px (layer1 sees 8x8 maps). Mean ± standard deviation over seeds;
+{len(digits_data['runs'])} runs in {digits_s:.0f} s.
 
 {dig_table}
 
 ![digits accuracy per epoch](train_digits.png)
+
+nkp minus spectral, final validation top-1, paired by seed (the same seed draws the same data
+order and the same fresh layer inits for both), with the 95% Student t interval of the mean
+difference (core.paired.paired_difference): "significant" when the interval excludes 0.
+
+{paired_table}
 
 ## 4. The BatchNorm caveat, measured
 
@@ -346,7 +395,7 @@ block's last ReLU is ignored).
 
 ## What this run shows
 
-{reading(gains, curves)}
+{reading(gains, digits_data)}
 """
-    path = write_result("train", md)
+    path = write_result("train", md, data={"digits": digits_data})
     print(f"wrote {path}")

@@ -10,6 +10,8 @@ Public API
 * :func:`function_error` - the closed form of Section 2 (float64), per row or total, optionally for
   ``x ~ N(0, S)``.
 * :func:`mc_function_error` - a Monte Carlo estimate of the same number, with its standard error.
+* :func:`approximate_many` - the same for a list of matrices (a network's layers): nkp runs the
+  matrices of one shape and rank as one batch.
 * :func:`approximate` - rank-r factors by one of :data:`METHODS`:
 
   ``spectral``   truncated SVD, balanced factors ``A S^{1/2}``, ``S^{1/2} B^T`` (Khodak et al.). The top-r
@@ -17,7 +19,8 @@ Public API
                  (``_top_subspace``), shared by spectral, rescale and nkp.
   ``rescale``    spectral subspace, each row the optimally rescaled projection (Section 3).
   ``nkp``        Nonlinear Kernel Projection: minorize-maximize subspace ascent from the spectral
-                 subspace (Section 4), then the optimal rows of Section 3.
+                 subspace (Section 4), then the optimal rows of Section 3 (core/nkp.py; large
+                 matrices take their steps in float32, the answer and its error are float64).
   ``random``     ``U``, ``V`` i.i.d. Gaussian with ``std = (s2 / r)^{1/4}`` each, where ``s2`` is the mean
                  square entry of ``W`` (the full-rank init being replaced), so every entry of ``U V``
                  has mean 0 and variance ``r * (s2/r)^{1/2} * (s2/r)^{1/2} = s2``: the variance of the
@@ -36,8 +39,10 @@ same numbers up to floating-point round-off. Reported numbers are float64.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +52,7 @@ __all__ = [
     "METHODS",
     "Approximation",
     "approximate",
+    "approximate_many",
     "function_error",
     "function_error_grad",
     "mc_function_error",
@@ -58,10 +64,12 @@ METHODS = ("spectral", "rescale", "nkp", "random", "reference")
 # Options each method accepts (besides `device`, which all accept). Unknown options are errors.
 _NKP_DEFAULTS: dict[str, Any] = {
     "max_iter": 200,  # MM iterations per start
-    "tol": 1e-7,  # stop when the relative increase of F in one iteration is below this
+    "tol": None,  # stop when one iteration lowers the error 1 - F by at most tol times the error;
+    # None: 1e-7 in float64 work, 1e-6 in float32 work (core/nkp.py)
     "restarts": 0,  # extra starts: random subspaces inside the top-min(2r, d) singular subspace
     "balanced": True,  # split the singular values of W' evenly between U and V (as spectral does)
     "accelerate": True,  # safeguarded extrapolation between MM steps (accepted only if F improves)
+    "precision": "auto",  # "auto": float32 steps when m d r >= 2^16 (core/nkp.py), "float32", "float64"
 }
 _OPTIONS: dict[str, dict[str, Any]] = {
     "spectral": {"balanced": True},
@@ -124,11 +132,6 @@ def relu_kernel_h(c: torch.Tensor) -> torch.Tensor:
     """
     c = c.clamp(-1.0, 1.0)
     return (torch.sqrt((1.0 - c * c).clamp_min(0.0)) + (math.pi - torch.arccos(c)) * c) / math.pi
-
-
-def _h_prime(c: torch.Tensor) -> torch.Tensor:
-    """h'(c) = (pi - arccos c) / pi, in [1/2, 1] on [0, 1]."""
-    return (math.pi - torch.arccos(c.clamp(-1.0, 1.0))) / math.pi
 
 
 def _sqrt_psd(cov: torch.Tensor, d: int) -> torch.Tensor:
@@ -350,10 +353,12 @@ def _resolve_options(method: str, options: dict[str, Any]) -> tuple[dict[str, An
             low = 0 if key == "restarts" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"option {key} must be an integer >= {low}, got {v!r}")
-    if "tol" in merged:
+    if merged.get("tol") is not None:
         v = merged["tol"]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 and math.isfinite(v)):
             raise ValueError(f"option tol must be a finite number >= 0, got {v!r}")
+    if "precision" in merged and merged["precision"] not in ("auto", "float32", "float64"):
+        raise ValueError(f"option precision must be 'auto', 'float32' or 'float64', got {merged['precision']!r}")
     for key in ("balanced", "accelerate"):
         if key in merged and not isinstance(merged[key], bool):
             raise ValueError(f"option {key} must be true or false, got {merged[key]!r}")
@@ -376,27 +381,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_BLAS_CONTROLLER: Any = None
+
+
+@contextlib.contextmanager
+def lapack_threads() -> Iterator[None]:
+    """Run scipy's LAPACK (OpenBLAS) with torch's intra-op thread count, `torch.get_num_threads()`.
+
+    OpenBLAS otherwise starts one thread per core whatever torch was told: a process limited to one
+    thread (a benchmark, a worker sharing a machine) would run its eigensolver on every core, and on
+    a busy machine oversubscribed threads made syevr 3-20x slower (measured on 2 shared cores).
+    """
+    global _BLAS_CONTROLLER
+    import scipy.linalg  # noqa: F401 - loads the OpenBLAS that the controller must see
+    from threadpoolctl import ThreadpoolController
+
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    with _BLAS_CONTROLLER.limit(limits=torch.get_num_threads(), user_api="blas"):
+        yield
+
+
+def top_eigh(G: torch.Tensor, k: int, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenvalues (k,) and their eigenvectors (s, k) of a symmetric G (s, s), largest first.
+
+    On the CPU only the k wanted eigenpairs are computed (LAPACK syevr / ssyevr via scipy, with
+    torch's thread count), several times cheaper than a full SVD; on CUDA a full torch.linalg.eigh.
+    overwrite=True lets LAPACK use G's memory (G is then garbage).
+    """
+    s = G.shape[0]
+    if G.device.type == "cpu":
+        import scipy.linalg
+
+        with lapack_threads():
+            vals, vecs = scipy.linalg.eigh(G.numpy(), subset_by_index=[s - k, s - 1], driver="evr",
+                                           overwrite_a=overwrite, check_finite=False)
+        return torch.from_numpy(vals).flip(0), torch.from_numpy(vecs).flip(1)
+    vals, vecs = torch.linalg.eigh(G)
+    return vals[-k:].flip(0), vecs[:, -k:].flip(1)
+
+
 def _top_subspace(W: torch.Tensor, k: int) -> torch.Tensor:
     """Orthonormal basis P (d, k), float64, of the top-k right singular subspace of W (m, d).
 
     Computed from the float64 Gram matrix of the smaller side: W^T W (d <= m) or W W^T (m < d, then
-    P = orth(W^T Q)). On the CPU only the k wanted eigenvectors are computed (LAPACK syevr via
-    scipy), several times cheaper than a full SVD; on CUDA a full torch.linalg.eigh. spectral, rescale
-    and nkp all use this one basis, so rescale <= spectral and nkp <= rescale hold exactly
-    (up to float64 round-off) and the spectral factors are W P P^T, the truncated SVD.
+    P = orth(W^T Q)), with `top_eigh`. spectral, rescale and nkp all use this one basis, so
+    rescale <= spectral and nkp <= rescale hold exactly (up to float64 round-off) and the spectral
+    factors are W P P^T, the truncated SVD.
     """
     m, d = W.shape
     W64 = W.to(torch.float64)
-    small = min(m, d)
     G = W64.T @ W64 if d <= m else W64 @ W64.T
-    if G.device.type == "cpu":
-        import scipy.linalg
-
-        _, vecs = scipy.linalg.eigh(G.numpy(), subset_by_index=[small - k, small - 1], driver="evr",
-                                    overwrite_a=True, check_finite=False)
-        Q = torch.from_numpy(vecs).flip(1)
-    else:
-        Q = torch.linalg.eigh(G).eigenvectors[:, -k:].flip(1)
+    Q = top_eigh(G, k, overwrite=True)[1]
     if d <= m:
         return torch.linalg.qr(Q.contiguous()).Q  # already orthonormal; QR cleans up round-off
     return torch.linalg.qr(W64.T @ Q).Q  # columns sigma_i v_i: orthonormalize
@@ -411,98 +447,6 @@ def _balanced_split(M: torch.Tensor, P: torch.Tensor, balanced: bool) -> tuple[t
     return X * root, (root[:, None] * Yh) @ P.T
 
 
-class _RowModel:
-    """Row norms and unit rows of W (float64), for the subspace objective F(P) of Section 4."""
-
-    def __init__(self, W64: torch.Tensor):
-        self.norms = W64.norm(dim=1)
-        self.nz = self.norms > _SQRT_EPS_GUARD
-        self.units = W64 / torch.where(self.nz, self.norms, 1.0)[:, None]
-        self.n2 = self.norms.pow(2)
-        self.total = float(self.n2.sum().item())
-
-    def evaluate(self, P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Z = units @ P (m, r), c_i = ||Z_i|| in [0, 1], and F(P)/||W||_F^2 = sum n_i^2 h(c_i)^2 / sum n_i^2."""
-        Z = self.units @ P
-        c = Z.norm(dim=1).clamp(max=1.0)
-        F = float((self.n2 * relu_kernel_h(c).pow(2)).sum().item()) / self.total
-        return Z, c, F
-
-    def mm_step(self, P: torch.Tensor, Z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """One minorize-maximize step: P <- polar(B P), B P = sum_i a_i u_i (u_i^T P), a_i = n_i^2 g'(c_i)/c_i.
-
-        Rows with c_i = 0 (orthogonal to the subspace) contribute only a constant to the minorizer
-        (g' >= 0 and c(P) >= 0 = c_i), so their weight is 0. Cost O(m d r) + a (d, r) thin SVD.
-        """
-        gprime = 2.0 * relu_kernel_h(c) * _h_prime(c)
-        ok = c > 1e-12
-        coef = torch.where(ok, self.n2 * gprime / torch.where(ok, c, 1.0), 0.0)
-        BP = self.units.T @ (coef[:, None] * Z)
-        return _polar(BP, fallback=P)
-
-    def optimal_rows(self, P: torch.Tensor, Z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """M (m, r) with W' = M P^T: row i is t*_i P^T w_i / ||P^T w_i||, t*_i = ||w_i|| h(c_i) (Section 3).
-
-        A nonzero row orthogonal to the subspace (c_i = 0) gets norm ||w_i||/pi along P's first axis;
-        every direction in the subspace is equally good for it (angle pi/2).
-        """
-        t = self.norms * relu_kernel_h(c)
-        ok = c > 1e-300
-        direction = Z / torch.where(ok, c, 1.0)[:, None]
-        first = torch.zeros_like(Z)
-        first[:, 0] = 1.0
-        direction = torch.where(ok[:, None], direction, first)
-        return torch.where(self.nz[:, None], t[:, None] * direction, 0.0)
-
-
-def _polar(A: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Orthonormal factor X Y^T of the thin SVD X S Y^T of A (d, r): the Procrustes maximizer of tr(P^T A).
-
-    Computed as A (A^T A)^{-1/2} from an (r, r) eigh plus one Newton-Schulz step (which squares
-    the orthonormality error), far cheaper than an SVD of A; an SVD when A is ill-conditioned.
-    """
-    if not torch.isfinite(A).all() or float(A.abs().max().item()) == 0.0:
-        return fallback
-    lam, vecs = torch.linalg.eigh(A.T @ A)
-    if float(lam[0].item()) > 1e-10 * float(lam[-1].item()):
-        Q = A @ ((vecs * lam.rsqrt()) @ vecs.T)
-        return Q @ (1.5 * torch.eye(Q.shape[1], dtype=Q.dtype, device=Q.device) - 0.5 * (Q.T @ Q))
-    X, _, Yh = torch.linalg.svd(A, full_matrices=False)
-    return X @ Yh
-
-
-def _nkp_ascent(rows: _RowModel, P: torch.Tensor, max_iter: int, tol: float, accelerate: bool) -> dict[str, Any]:
-    """Monotone MM ascent of F from orthonormal P (d, r). Returns P, Z, c, history (F per iteration), stats.
-
-    With accelerate=True, after each MM step P1 (from P0) we also try the extrapolated point
-    polar(P1 + beta (P1 - P0)); it is kept only if F is higher than at P1, so F never decreases.
-    """
-    Z, c, F = rows.evaluate(P)
-    history = [F]
-    beta, accepted, it, converged = 1.0, 0, 0, False
-    for it in range(1, max_iter + 1):
-        P1 = rows.mm_step(P, Z, c)
-        Z1, c1, F1 = rows.evaluate(P1)
-        if F1 < F:  # cannot happen in exact arithmetic (MM); guard against round-off
-            F1, P1, Z1, c1 = F, P, Z, c
-        if accelerate:
-            Q = _polar(P1 + beta * (P1 - P), fallback=P1)  # nearest orthonormal basis, aligned with P1
-            Ze, ce, Fe = rows.evaluate(Q)
-            if Fe > F1:
-                P1, Z1, c1, F1 = Q, Ze, ce, Fe
-                beta, accepted = min(beta * 2.0, 64.0), accepted + 1
-            else:
-                beta = max(beta / 4.0, 0.25)
-        gain = F1 - F
-        P, Z, c, F = P1, Z1, c1, F1
-        history.append(F)
-        if gain <= tol * abs(F):
-            converged = True
-            break
-    return {"P": P, "Z": Z, "c": c, "F": F, "history": history, "iterations": it,
-            "accepted_extrapolations": accepted, "converged": converged}
-
-
 def _spectral(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
     P = _top_subspace(W, rank)
     U, V = _balanced_split(W.to(torch.float64) @ P, P, opts["balanced"])  # W' = (W P) P^T
@@ -510,44 +454,18 @@ def _spectral(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.T
 
 
 def _rescale(W: torch.Tensor, rank: int, opts: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    from core.nkp import subspace_answer
+
     P = _top_subspace(W, rank)
-    rows = _RowModel(W.to(torch.float64))
-    Z, c, F = rows.evaluate(P)
-    U, V = _balanced_split(rows.optimal_rows(P, Z, c), P, opts["balanced"])
+    F, M = subspace_answer(W, P)
+    U, V = _balanced_split(M, P, opts["balanced"])
     return U, V, 0, {"objective": F}
 
 
 def _nkp(W: torch.Tensor, rank: int, opts: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
-    m, d = W.shape
-    rows = _RowModel(W.to(torch.float64))
-    starts = [("spectral", _top_subspace(W, rank))]  # exactly rescale's subspace, so nkp <= rescale
-    if opts["restarts"]:
-        k = min(2 * rank, m, d)
-        top = _top_subspace(W, k)
-        # Random r-dim subspaces of the top-min(2r, m, d) singular subspace: near the spectral start,
-        # but able to leave its basin (the problem is most non-convex at small r).
-        gen = torch.Generator().manual_seed(int(seed))
-        for j in range(opts["restarts"]):
-            G = torch.randn(k, rank, generator=gen, dtype=torch.float64).to(W.device)
-            starts.append((f"random{j + 1}", torch.linalg.qr(top @ G).Q))
-    runs = []
-    for name, P0 in starts:
-        run = _nkp_ascent(rows, P0, opts["max_iter"], opts["tol"], opts["accelerate"])
-        run["start"] = name
-        runs.append(run)
-    best = max(runs, key=lambda r_: r_["F"])  # the spectral start comes first, so ties keep it
-    M = rows.optimal_rows(best["P"], best["Z"], best["c"])
-    U, V = _balanced_split(M, best["P"], opts["balanced"])
-    info = {
-        "objective_history": best["history"],  # F(P)/||W||_F^2 per iteration (non-decreasing)
-        "histories": [r_["history"] for r_ in runs],
-        "starts": [r_["start"] for r_ in runs],
-        "best_start": best["start"],
-        "converged": best["converged"],
-        "accepted_extrapolations": best["accepted_extrapolations"],
-        "rescale_objective": runs[0]["history"][0],
-    }
-    return U, V, sum(r_["iterations"] for r_ in runs), info
+    from core.nkp import nkp_many
+
+    return nkp_many([(W[None], rank, [seed])], opts)[0][0]
 
 
 def _random(W: torch.Tensor, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
@@ -602,8 +520,11 @@ def approximate(W: torch.Tensor, rank: int, method: str = "nkp", *, seed: int = 
     options (unknown ones raise ValueError):
       device: "cpu" | "cuda" | torch.device, default W's device; factors are returned there.
       spectral, rescale: balanced (bool, default True).
-      nkp: max_iter (200), tol (1e-7, relative increase of F), restarts (0), balanced (True),
-           accelerate (True). info["objective_history"] holds F(P)/||W||_F^2 per iteration.
+      nkp: max_iter (200), tol (stop when an iteration lowers the error by at most tol times the
+           error; default 1e-7 in float64 work, 1e-6 in float32 work), restarts (0), balanced (True), accelerate (True), precision ("auto": float32
+           steps when m d r >= 2^16, else float64; "float32"; "float64"). info["objective_history"]
+           holds F(P)/||W||_F^2 per iteration in the work precision, info["objective"] the final F
+           in float64 (error = 1 - objective).
       reference: max_iter (500 L-BFGS iterations), tol (1e-12), history_size (20), nkp_options (dict).
     Returns an Approximation with U, V in W's dtype (float32 for integer/half input) and the
     normalized closed-form error of U @ V computed in float64.
@@ -634,3 +555,60 @@ def approximate(W: torch.Tensor, rank: int, method: str = "nkp", *, seed: int = 
     elapsed = time.perf_counter() - t0
     error = function_error(W, (U, V))
     return Approximation(U=U, V=V, method=method, rank=rank, error=error, time_s=elapsed, iterations=iters, info=info)
+
+
+def approximate_many(Ws: list[torch.Tensor], rank: int | list[int], method: str = "nkp", *,
+                     seeds: list[int] | None = None, **options: Any) -> list[Approximation]:
+    """`approximate` for each matrix of `Ws` (a network's layers): the same answers, computed faster.
+
+    rank: one int for all, or one per matrix; seeds: one per matrix (default 0 each); options as
+    `approximate`'s for `method`. nkp runs its ascent in batches of matrices, padded across shapes
+    and ranks where that is cheaper than the per-call overhead it saves (core/nkp.py: each matrix
+    still stops on its own, and its answer is what `approximate` gives up to round-off); every other
+    method runs matrix by matrix. For nkp an Approximation's time_s is the call's time apportioned by
+    m d r (the work of an MM step). Raises ValueError as `approximate` does, naming the matrix's index.
+    """
+    ranks = [rank] * len(Ws) if isinstance(rank, int) and not isinstance(rank, bool) else list(rank)
+    seeds = [0] * len(Ws) if seeds is None else list(seeds)
+    if len(ranks) != len(Ws) or len(seeds) != len(Ws):
+        raise ValueError(f"give one rank and one seed per matrix: {len(Ws)} matrices, "
+                         f"{len(ranks)} ranks, {len(seeds)} seeds")
+    if method != "nkp":
+        return [approximate(W, r, method, seed=s, **options) for W, r, s in zip(Ws, ranks, seeds)]
+    checked = []
+    for i, (W, r, s) in enumerate(zip(Ws, ranks, seeds)):
+        try:
+            checked.append(_check_inputs(W, r, method))
+            if isinstance(s, bool) or not isinstance(s, int):
+                raise ValueError(f"seed must be an integer, got {s!r}")
+        except ValueError as exc:
+            raise ValueError(f"matrix {i}: {exc}") from None
+    opts, device = _resolve_options(method, options)
+    if device is not None:
+        checked = [W.to(device) for W in checked]
+    from core.nkp import group_size, nkp_many
+
+    groups: dict[tuple, list[int]] = {}
+    for i, W in enumerate(checked):
+        groups.setdefault((tuple(W.shape), ranks[i], W.dtype, W.device), []).append(i)
+    parts = []
+    for (shape, r, _, _), members in groups.items():
+        step = group_size(*shape)
+        parts += [(members[lo:lo + step], r) for lo in range(0, len(members), step)]
+    devices = {W.device for W in checked}
+    for dev in devices:
+        _sync(dev)
+    t0 = time.perf_counter()
+    results = nkp_many([(torch.stack([checked[i] for i in part]), r, [seeds[i] for i in part]) for part, r in parts], opts)
+    for dev in devices:
+        _sync(dev)
+    elapsed = time.perf_counter() - t0
+    work = {i: checked[i].shape[0] * checked[i].shape[1] * ranks[i] for i in range(len(checked))}
+    total_work = sum(work.values()) or 1
+    out: list[Approximation | None] = [None] * len(Ws)
+    for (part, r), part_results in zip(parts, results):
+        for i, (U, V, iters, info) in zip(part, part_results):
+            U, V = U.to(checked[i].dtype).contiguous(), V.to(checked[i].dtype).contiguous()
+            out[i] = Approximation(U=U, V=V, method=method, rank=r, error=function_error(checked[i], (U, V)),
+                                   time_s=elapsed * work[i] / total_work, iterations=iters, info=info)
+    return out  # type: ignore[return-value]

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-DATASETS = ("imagefolder", "cifar10", "cifar100", "digits", "synthetic")
+from core import names
+
+DATASETS = names.DATASETS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -22,25 +22,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from core.train import TrainCallbacks, TrainConfig, TrainingCancelled, _Dist
+from core.guards import TrainingDiverged
+from core.run_context import TrainCallbacks, TrainingCancelled
 
-
-def in_process_group() -> bool:
-    """True inside a process of an initialized torch.distributed group with more than one process."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def current() -> _Dist:
-    import torch.distributed as dist
-
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(),
-                 local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+if TYPE_CHECKING:
+    from core.train import TrainConfig
 
 
 class _FileCallbacks(TrainCallbacks):
@@ -71,7 +61,8 @@ def launch(config: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = No
            callbacks: TrainCallbacks | None = None, poll_s: float = 0.2) -> dict[str, Any]:
     """Run `config` on `config.devices` processes under torchrun; return rank 0's summary.
 
-    Raises TrainingCancelled when `callbacks.should_stop()` stopped it, ValueError for a bad
+    Raises TrainingCancelled when `callbacks.should_stop()` stopped it, TrainingDiverged with rank 0's
+    message when the loss diverged, ValueError for a bad
     config reported by a rank, RuntimeError (with the log's tail) when the processes failed.
     """
     callbacks = callbacks or TrainCallbacks()
@@ -134,6 +125,8 @@ def launch(config: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = No
                         proc.wait()
         if "cancelled" in outcome:
             raise TrainingCancelled(outcome["cancelled"]["message"])
+        if "diverged" in outcome:
+            raise TrainingDiverged(outcome["diverged"]["message"])
         if "error" in outcome:
             raise ValueError(outcome["error"]["message"])
         if proc.returncode != 0 or not summary_path.exists():
@@ -143,10 +136,10 @@ def launch(config: TrainConfig, *, checkpoint_dir: str | os.PathLike | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One rank of a torchrun job (see the module docstring). Exit 0 ok, 2 bad config, 3 cancelled."""
+    """One rank of a torchrun job (see the module docstring). Exit 0 ok, 2 bad config, 3 cancelled or diverged."""
     import torch.distributed as dist
 
-    from core.train import resolve_device, train
+    from core.train import TrainConfig, resolve_device, train  # the rank runs the trainer
 
     parser = argparse.ArgumentParser(prog="python -m core.distributed", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="JSON file of TrainConfig keys")
@@ -178,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(config, checkpoint_dir=args.checkpoint_dir, resume=args.resume, callbacks=callbacks)
-    except TrainingCancelled as exc:  # raised by every rank at the same step (rank 0's flag is broadcast)
+    except (TrainingCancelled, TrainingDiverged) as exc:  # every rank raises at the same step (rank 0's flag)
         if rank == 0:
-            callbacks.emit({"kind": "cancelled", "message": str(exc)})
+            kind = "cancelled" if isinstance(exc, TrainingCancelled) else "diverged"
+            callbacks.emit({"kind": kind, "message": str(exc)})
         leave_together()
         return 3
     except ValueError as exc:
@@ -197,4 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's finalization: gloo's C++ threads can still hold work objects
+    # whose tensors need the GIL while the interpreter is torn down, which aborts the rank (SIGABRT,
+    # "terminate called without an active exception") after it finished, seen once in CI on a loaded
+    # 2-core machine. Everything the rank writes is already closed (events, summary) or flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

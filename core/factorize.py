@@ -9,7 +9,11 @@ For each chosen layer:
 
 Defaults follow the paper: the stem conv (first Conv2d) and the classifier (last Linear) stay
 dense, grouped and depthwise convs stay dense, and a layer stays full rank when factoring would
-not shrink it (`r (m + d) >= m d`).
+not shrink it (`r (m + d) >= m d`). With `latency=LatencyPolicy(...)` (core/latency.py) a layer also
+stays dense (`kept_dense`) when its factored form is not measured faster on the policy's device.
+
+Step 3 runs for all chosen layers at once (`core.approx.approximate_many`: nkp batches the layers
+of one shape), so a layer's `time_s` holds its share of a batch.
 """
 from __future__ import annotations
 
@@ -22,7 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.latency import LatencyPolicy
 from core.layers import FACTORED_TYPES, FactoredConv2d, FactoredLinear
+
+# torch-free: the API plans factorizations with the same rules (core/model_layers.py)
+from core.model_layers import check_layer_names, matches, resolve_rank, shrinks
 from core.surgery import replace_module
 
 INIT_METHODS = ("spectral", "rescale", "nkp", "random")
@@ -41,7 +49,11 @@ class LayerRow:
     `full_rank` (factoring would not shrink it) or `skipped` (see `reason`); error and
     spectral_error: normalized function error `L(UV)/L(0)` (MATH.md Section 2) of the chosen
     init and of spectral init at the same rank (0.0 for layers left unchanged, None when
-    factors were not computed); time_s: seconds spent computing this layer's factors.
+    factors were not computed); time_s: seconds spent on this layer's fresh init, factors (its
+    share of a batch) and replacement; dense_ms, factored_ms: with a latency policy, the measured
+    forward time (fastest sample, core/latency.py) of the dense layer and of its factored form (status
+    `kept_dense` when the factored form is not faster; None without a policy or for a layer the
+    forward pass never calls).
     """
 
     layer: str
@@ -57,6 +69,8 @@ class LayerRow:
     error: float | None
     spectral_error: float | None
     time_s: float = 0.0
+    dense_ms: float | None = None
+    factored_ms: float | None = None
 
 
 @dataclass
@@ -67,12 +81,13 @@ class FactorizeReport:
     seed: int
     layers: list[LayerRow] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None  # the latency policy's settings, when one was given
 
     def factored(self) -> list[LayerRow]:
         return [row for row in self.layers if row.status == "factored"]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able: method, rank, rank_ratio, seed, layers (list of row dicts), totals."""
+        """JSON-able: method, rank, rank_ratio, seed, layers (list of row dicts), totals, latency."""
         return {
             "method": self.method,
             "rank": self.rank,
@@ -80,6 +95,7 @@ class FactorizeReport:
             "seed": self.seed,
             "layers": [asdict(row) for row in self.layers],
             "totals": dict(self.totals),
+            "latency": self.latency,
         }
 
 
@@ -114,20 +130,6 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _factored_params(module: nn.Conv2d | nn.Linear, r: int) -> int:
-    m, d = _matrix_shape(module)
-    return r * (m + d) + (module.bias.numel() if module.bias is not None else 0)
-
-
-def resolve_rank(m: int, d: int, *, rank: int | None, rank_ratio: float | None) -> int:
-    """The rank for an `m x d` layer: `min(rank, m, d)`, or `max(1, round(rank_ratio * min(m, d)))`."""
-    full = min(m, d)
-    if rank is not None:
-        return min(int(rank), full)
-    assert rank_ratio is not None
-    return max(1, min(full, int(round(rank_ratio * full))))
-
-
 def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     """Every plain Conv2d/Linear of `model` in registration order (not the halves of factored layers)."""
     inside_factored: set[str] = set()
@@ -143,20 +145,15 @@ def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]
     return out
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".")
-
-
 def _check_names(field_name: str, patterns: list[str] | None, names: list[str]) -> list[str]:
     if patterns is None:
         return []
     if isinstance(patterns, str):
         raise FactorizeError(f"{field_name} must be a list of dotted layer names, got the string {patterns!r}")
-    unknown = [p for p in patterns if not any(_matches(n, p) for n in names)]
-    if unknown:
-        sample = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-        raise FactorizeError(f"{field_name}: no Conv2d/Linear layer named {', '.join(map(repr, unknown))} "
-                             f"(nor under it); layers are named like {sample}")
+    try:
+        check_layer_names(field_name, patterns, names)
+    except ValueError as exc:
+        raise FactorizeError(str(exc)) from None
     return list(patterns)
 
 
@@ -174,7 +171,8 @@ def factorize_model(
     always_factor: bool = False,
     compute_init: bool = True,
     approx_options: dict[str, Any] | None = None,
-) -> "FactorizeReport":
+    latency: LatencyPolicy | None = None,
+) -> FactorizeReport:
     """Replace the chosen Conv2d/Linear layers of `model` (in place) by low-rank factored layers.
 
     rank (int >= 1) or rank_ratio (in (0, 1], of `min(out, in*kh*kw)`): exactly one is given.
@@ -189,6 +187,9 @@ def factorize_model(
     always_factor: factor even where it does not shrink the layer (tests, analysis).
     compute_init: False builds the factored structure with placeholder weights only (used when a
     checkpoint's state is loaded right after); errors are then None.
+    latency: a `core.latency.LatencyPolicy`: a layer that would be factored stays dense (status
+    `kept_dense`, both measured times in its row) unless its factored form is faster on the
+    policy's device, at the policy's batch and image size.
     Returns a FactorizeReport (rows for every Conv2d/Linear; totals over the whole model).
     """
     if method not in INIT_METHODS:
@@ -201,8 +202,10 @@ def factorize_model(
         raise FactorizeError(f"rank_ratio must be in (0, 1], got {rank_ratio!r}")
     if weights not in ("init", "current"):
         raise FactorizeError(f"weights must be 'init' or 'current', got {weights!r}")
+    if latency is not None and not isinstance(latency, LatencyPolicy):
+        raise FactorizeError(f"latency must be a core.latency.LatencyPolicy, got {type(latency).__name__}")
 
-    from core.approx import approximate  # the per-layer algorithms (owned by core/approx.py)
+    from core.approx import approximate_many  # the per-layer algorithms (owned by core/approx.py)
 
     t_start = time.perf_counter()
     params_before = _params(model)
@@ -215,7 +218,10 @@ def factorize_model(
     stem = convs[0] if convs else None
     classifier = linears[-1] if linears else None
 
-    report = FactorizeReport(method=method, rank=rank, rank_ratio=rank_ratio, seed=int(seed))
+    report = FactorizeReport(method=method, rank=rank, rank_ratio=rank_ratio, seed=int(seed),
+                             latency=latency.describe() if latency is not None else None)
+    chosen: list[tuple[LayerRow, str, nn.Module, int]] = []  # the layers to factor, with their rank
+    shapes: dict[str, tuple[int, ...]] | None = None
     for name, module in layers:
         m, d = _matrix_shape(module)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
@@ -226,10 +232,10 @@ def factorize_model(
         report.layers.append(row)
 
         explicitly = include and name in include
-        if include and not any(_matches(name, p) for p in include):
+        if include and not any(matches(name, p) for p in include):
             row.reason = "not included"
             continue
-        if any(_matches(name, p) for p in exclude):
+        if any(matches(name, p) for p in exclude):
             row.reason = "excluded"
             continue
         if kind == "conv" and module.groups != 1:
@@ -246,24 +252,41 @@ def factorize_model(
             continue
 
         r = resolve_rank(m, d, rank=rank, rank_ratio=rank_ratio)
-        if r * (m + d) >= m * d and not always_factor:
+        if not shrinks(m, d, r) and not always_factor:
             row.status, row.reason = "full_rank", f"rank {r} would not reduce parameters"
             continue
+        if latency is not None:
+            if shapes is None:  # one forward pass of the dense network, before anything is replaced
+                shapes = latency.input_shapes(model, names)
+            verdict = latency.judge(module, r, shapes.get(name), name=name)
+            row.dense_ms, row.factored_ms = verdict.dense_ms, verdict.factored_ms
+            if not verdict.faster:
+                row.status, row.reason = "kept_dense", verdict.reason
+                continue
+        chosen.append((row, name, module, r))
 
+    sources = []
+    for row, name, module, _ in chosen:
         t0 = time.perf_counter()
-        source = fresh_init_layer(module, name, seed) if weights == "init" else module
+        sources.append(fresh_init_layer(module, name, seed) if weights == "init" else module)
+        row.time_s = time.perf_counter() - t0
+    if compute_init and chosen:
+        Ws = [src.weight.detach().reshape(row.m, row.d).float().cpu() for (row, *_), src in zip(chosen, sources)]
+        ranks = [r for *_, r in chosen]
+        seeds = [layer_seed(seed, name) for _, name, _, _ in chosen]
+        approxs = approximate_many(Ws, ranks, method, seeds=seeds, **(approx_options or {}))
+        spectral = (approximate_many(Ws, ranks, "spectral", seeds=seeds)
+                    if compare_spectral and method != "spectral" else None)
+    for i, ((row, name, module, r), source) in enumerate(zip(chosen, sources)):
+        t0 = time.perf_counter()
+        m, d = row.m, row.d
         if compute_init:
-            W = source.weight.detach().reshape(m, d).float().cpu()
-            lseed = layer_seed(seed, name)
-            approx = approximate(W, r, method, seed=lseed, **(approx_options or {}))
+            approx = approxs[i]
             U, V = approx.U, approx.V
             row.error = float(approx.error)
-            if not compare_spectral:
-                row.spectral_error = None
-            elif method == "spectral":
-                row.spectral_error = row.error
-            else:
-                row.spectral_error = float(approximate(W, r, "spectral", seed=lseed).error)
+            row.spectral_error = (None if not compare_spectral else row.error if spectral is None
+                                  else float(spectral[i].error))
+            row.time_s += approx.time_s
         else:
             U, V = torch.zeros(m, r), torch.zeros(r, d)
             row.error = row.spectral_error = None
@@ -280,7 +303,7 @@ def factorize_model(
         replace_module(model, name, new)
         row.rank, row.status, row.reason = r, "factored", None
         row.params_factored = _params(new)
-        row.time_s = time.perf_counter() - t0
+        row.time_s += time.perf_counter() - t0
 
     factored = report.factored()
     errors = [r.error for r in factored if r.error is not None]
@@ -289,6 +312,7 @@ def factorize_model(
     report.totals = {
         "layers": len(layers),
         "layers_factored": len(factored),
+        "layers_kept_dense": sum(row.status == "kept_dense" for row in report.layers),
         "params_dense": params_before,
         "params_factored": params_after,
         "param_ratio": params_after / params_before if params_before else 1.0,

@@ -43,7 +43,7 @@ class FactoredConv2d(nn.Module):
         self.u = nn.Conv2d(rank, out_channels, 1, bias=bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, U: torch.Tensor, V: torch.Tensor) -> "FactoredConv2d":
+    def from_conv(cls, conv: nn.Conv2d, U: torch.Tensor, V: torch.Tensor) -> FactoredConv2d:
         """Factored replacement of `conv` with `W ~ U V`; U `(out, r)`, V `(r, in*kh*kw)`; bias copied."""
         if conv.groups != 1:
             raise ValueError(f"grouped convolutions (groups={conv.groups}) cannot be factored")
@@ -90,7 +90,7 @@ class FactoredLinear(nn.Module):
         self.u = nn.Linear(rank, out_features, bias=bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, U: torch.Tensor, V: torch.Tensor) -> "FactoredLinear":
+    def from_linear(cls, linear: nn.Linear, U: torch.Tensor, V: torch.Tensor) -> FactoredLinear:
         """Factored replacement of `linear` with `W ~ U V`; U `(out, r)`, V `(r, in)`; bias copied."""
         out, d = linear.weight.shape
         r = U.shape[1]

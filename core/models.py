@@ -13,19 +13,12 @@ import torch
 import torchvision
 from torch import nn
 
+from core import names
 from core.factorize import fresh_init_weight
 from core.surgery import get_module
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "efficientnet_b0": torchvision.models.efficientnet_b0,
-    "efficientnet_b1": torchvision.models.efficientnet_b1,
-    "efficientnet_b2": torchvision.models.efficientnet_b2,
-    "efficientnet_b3": torchvision.models.efficientnet_b3,
-}
+# The names live in core.names (torch-free, read by the service and the CLI); each is torchvision's constructor.
+MODELS: dict[str, Callable[..., nn.Module]] = {name: getattr(torchvision.models, name) for name in names.MODELS}
 
 
 def build_model(name: str, num_classes: int = 10, small_input: bool = False) -> nn.Module:

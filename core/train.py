@@ -1,5 +1,7 @@
 """Train a (factored) ResNet/EfficientNet: `train(config, checkpoint_dir=..., resume=..., callbacks=...)`.
 
+* Config: `TrainConfig`, built from core.train_fields (the fields the service's job spec has too);
+  fields left out take the recipe's values (core.recipes: per data set and model family).
 * Model: `core.models.build_model`, then `core.factorize.factorize_model` when `rank` or
   `rank_ratio` is set (init `spectral`, `rescale`, `nkp` or `random`; MATH.md Section 7).
 * Optimizer SGD (momentum, nesterov) or AdamW; per-step schedule: linear warm-up over
@@ -17,6 +19,9 @@
   from it exactly (same metrics as an uninterrupted run on CPU).
 * `config.devices > 1`: DistributedDataParallel under torchrun (core/distributed.py); metrics,
   callbacks and checkpoints come from rank 0.
+* Guards (core/guards.py): a non-finite loss, or one far above its starting value, raises
+  TrainingDiverged with where, the loss and what to change; a final accuracy at chance level adds
+  a line to the summary's `warnings`.
 
 Accuracies are fractions in [0, 1]; losses are mean cross-entropy per image (train loss with
 label smoothing, as optimized; val loss without); times in seconds.
@@ -32,9 +37,8 @@ import math
 import os
 import random
 import time
-import typing
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -43,90 +47,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-WD_MODES = ("standard", "frobenius")
-AMP_MODES = ("none", "bf16", "fp16")
-INITS = ("spectral", "rescale", "nkp", "random")
+from core import recipes, train_fields
+from core.guards import DivergenceGuard, TrainingDiverged, chance_warning
+from core.run_context import ProcessGroup, TrainCallbacks, TrainingCancelled, current, in_process_group
+
 # Fields that may change between a run and its resume without changing its results.
-RESUME_MAY_DIFFER = ("num_workers", "log_every", "data_root", "download", "device")
+RESUME_MAY_DIFFER = ("num_workers", "log_every", "data_root", "download", "device", "recipe")
 
 
-class TrainingCancelled(Exception):
-    """Raised by `train` when `callbacks.should_stop()` returned True; the last checkpoint stays valid."""
+class _TrainConfigMethods:
+    """What TrainConfig does besides holding its fields (core.train_fields.FIELDS, one attribute each)."""
 
-
-class TrainCallbacks:
-    """Hooks `train` calls (override any; defaults do nothing). Called from rank 0 only.
-
-    on_metrics(step, epoch, metrics): per epoch with train_loss, train_top1, val_loss, val_top1,
-    val_top5, lr, epoch_time_s, images_per_s (train_loss and train_top1: means over the epoch); and
-    every `log_every` optimizer steps with train_loss_step (the mean since the previous step-level
-    report) and lr. The two loss statistics have different names because an epoch's last step can
-    carry both: a stored series (unique on name + step) then never mixes them. `step` counts
-    optimizer steps from 1, `epoch` counts from 1. on_progress(frac): fraction of all steps done, in [0, 1].
-    should_stop(): polled between steps; True makes `train` raise TrainingCancelled (keep it cheap).
-    """
-
-    def on_metrics(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_progress(self, frac: float) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
-@dataclass
-class TrainConfig:
-    model: str = "resnet18"               # a name in core.models.MODELS
-    dataset: str = "digits"               # one of core.data.DATASETS
-    num_classes: int | None = None        # None: the data set's (synthetic: 10)
-    small_input: bool = False             # 3x3 stride-1 stem, no max-pool (32 px data; 16x the activations)
-    image_size: int | None = None         # None: the data set's default (32; imagefolder 224)
-    rank: int | None = None               # rank of every factored layer; None with rank_ratio None: dense
-    rank_ratio: float | None = None       # rank as a fraction of min(out, in*kh*kw), in (0, 1]
-    init: str = "nkp"                     # factor init: spectral | rescale | nkp | random
-    include: list[str] | None = None      # dotted layer names to factor (default: all but stem/classifier)
-    exclude: list[str] | None = None      # dotted layer names to keep dense
-    epochs: int = 5
-    batch_size: int = 128                 # per process
-    lr: float = 0.1                       # peak learning rate (after warm-up)
-    optimizer: str = "sgd"                # sgd | adamw
-    momentum: float = 0.9                 # SGD momentum (AdamW: beta1)
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    wd_mode: str = "standard"             # standard | frobenius (decay ||U V||_F^2 of factored layers)
-    schedule: str = "cosine"              # cosine | step | constant (after warm-up)
-    step_size: int = 30                   # step schedule: epochs between decays
-    step_gamma: float = 0.1               # step schedule: decay factor
-    warmup_epochs: float = 0.0            # linear warm-up length in epochs (fractions allowed)
-    label_smoothing: float = 0.0
-    amp: str = "none"                     # none | bf16 | fp16 (CUDA only)
-    channels_last: bool = False           # CUDA only
-    device: str = "auto"                  # auto | cpu | cuda | cuda:N
-    devices: int = 1                      # processes (GPUs) for DistributedDataParallel
-    seed: int = 0
-    num_workers: int = 0                  # DataLoader worker processes
-    data_root: str = "data"               # imagefolder / cifar location
-    download: bool = False                # cifar: fetch when missing (never otherwise)
-    synthetic_train_size: int = 1024
-    synthetic_val_size: int = 256
-    max_train_batches: int | None = None  # cap on steps per epoch (smoke runs, benchmarks)
-    max_val_batches: int | None = None
-    log_every: int = 50                   # optimizer steps between step-level on_metrics calls
+    def __post_init__(self) -> None:
+        # Fields left None take the recipe's value (core.recipes): a config always holds what runs.
+        resolved = recipes.resolve(self.to_dict())
+        for name in train_fields.RESOLVED_FIELDS:
+            setattr(self, name, resolved.get(name))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build and validate; unknown keys raise ValueError naming them and the allowed keys."""
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build (recipe resolved) and validate; unknown keys raise ValueError naming them and the allowed keys."""
         if not isinstance(d, dict):
             raise ValueError(f"train config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown train config key(s): {', '.join(unknown)}; "
-                             f"allowed: {', '.join(f.name for f in fields(cls))}")
+            raise ValueError(f"unknown train config key(s): {', '.join(unknown)}; allowed: {', '.join(known)}")
         config = cls(**d)
         config.validate()
         return config
@@ -134,68 +80,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "TrainConfig":
-        """Check types and ranges; ValueError naming the field and what is allowed. Returns self."""
-        from core.data import DATASETS
-        from core.models import MODELS
-
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-
-        def at_least(name: str, low: float, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if optional and value is None:
-                return
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value!r}")
-
-        choice("model", tuple(MODELS))
-        choice("dataset", DATASETS)
-        choice("init", INITS)
-        choice("optimizer", OPTIMIZERS)
-        choice("wd_mode", WD_MODES)
-        choice("schedule", SCHEDULES)
-        choice("amp", AMP_MODES)
-        for name in ("epochs", "batch_size", "step_size", "devices", "synthetic_train_size",
-                     "synthetic_val_size", "log_every"):
-            at_least(name, 1)
-        for name in ("num_classes", "rank", "max_train_batches", "max_val_batches"):
-            at_least(name, 1, optional=True)
-        at_least("image_size", 8, optional=True)
-        for name in ("weight_decay", "warmup_epochs", "seed", "num_workers"):
-            at_least(name, 0)
-        if self.rank is not None and self.rank_ratio is not None:
-            raise ValueError("give at most one of rank and rank_ratio (both are set)")
-        if not self.factored and (self.include or self.exclude):
-            raise ValueError("include/exclude choose layers to factor: give rank or rank_ratio too")
-        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
-            raise ValueError(f"rank_ratio must be in (0, 1], got {self.rank_ratio!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
-        if not 0 < self.step_gamma <= 1:
-            raise ValueError(f"step_gamma must be in (0, 1], got {self.step_gamma!r}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs must be <= epochs ({self.epochs}), got {self.warmup_epochs!r}")
-        if self.device != "auto" and self.device != "cpu" and not (
-                self.device == "cuda" or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device == "cpu" and self.amp != "none":
-            raise ValueError(f"amp={self.amp!r} needs a CUDA device; on device cpu use amp='none'")
-        if self.device == "cpu" and self.channels_last:
-            raise ValueError("channels_last needs a CUDA device; on device cpu set channels_last=false")
-        if self.dataset in ("cifar10", "cifar100") and self.image_size not in (None, 32):
-            raise ValueError(f"image_size: {self.dataset} images are 32 px, got {self.image_size}")
+    def validate(self) -> TrainConfig:
+        """Types, ranges and the rules across fields (core.train_fields); FieldError (a ValueError) naming
+        the field and what is allowed. Returns self."""
+        train_fields.validate(self.to_dict())
         return self
 
     @property
@@ -203,31 +91,14 @@ class TrainConfig:
         return self.rank is not None or self.rank_ratio is not None
 
 
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None:
-        if optional:
-            return
-        raise ValueError(f"{name} must not be null")
-    base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    origin = typing.get_origin(base)
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
-    elif base is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    elif base is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(f.name, f.type, dataclasses.field(default=f.default)) for f in train_fields.FIELDS],
+    bases=(_TrainConfigMethods,), namespace={"__module__": __name__})
+TrainConfig.__doc__ = """One training run's settings: the fields of core.train_fields.FIELDS (types, defaults, docs).
 
+`TrainConfig(**fields)` or `TrainConfig.from_dict(d)` (which also validates). Fields left None
+that a recipe gives are filled at construction (core.recipes.resolve), so `to_dict()` is the
+complete, reproducible config."""
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -333,84 +204,75 @@ def _loss_top(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch
     return loss, hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
-@dataclass
-class _Dist:
-    """This process's place in a DistributedDataParallel run (world 1: no DDP)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float], device: torch.device) -> list[float]:
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def any_true(self, flag: bool, device: torch.device) -> bool:
-        if self.world == 1:
-            return flag
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.broadcast(t, src=0)  # rank 0's callbacks decide for everyone
-        return bool(t.item() > 0)
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
 # ----------------------------------------------------------------------------- training
 
 def train(config: TrainConfig | dict[str, Any], *, checkpoint_dir: str | os.PathLike | None = None,
-          resume: bool = False, callbacks: TrainCallbacks | None = None) -> dict[str, Any]:
+          resume: bool = False, callbacks: TrainCallbacks | None = None,
+          init_model: nn.Module | None = None) -> dict[str, Any]:
     """Train `config` and return a JSON-able summary.
 
     Summary keys: val_top1, val_top5, val_loss, train_loss, train_top1 (last epoch),
     best_val_top1, params_dense, params_factored, macs_dense, macs_factored (per image at the
     data's image size), epochs (completed), wall_time_s (training time summed over resumes),
     device, world_size, init_report (per-layer rows of `factorize_model`, None when dense),
-    init_totals, resumed_from_epoch (None when started fresh), history (per-epoch metrics), config.
+    init_totals, resumed_from_epoch (None when started fresh), warnings (list of strings, e.g. accuracy
+    at chance level), history (per-epoch metrics), config (resolved: the recipe's values filled in).
+    Raises TrainingDiverged (core/guards.py) when the loss diverges, TrainingCancelled when stopped.
     With `resume=True` and `checkpoint_dir/last.pt` present, training continues from it (its
     config must match but for RESUME_MAY_DIFFER); without a checkpoint it starts fresh.
     `config.devices > 1` runs under torchrun with DDP (see core/distributed.py).
+
+    init_model: start from this network (e.g. a compressed one: core.compress_run's fine-tuning)
+    instead of building `config.model`; it is trained in place (moved to the device) with the same
+    loop, recipe, guards and callbacks. The config describes it (model and small_input for the
+    record, init 'dense': nothing is factorized on top); one process only.
     """
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_dict(config)
     else:
         config.validate()
     callbacks = callbacks or TrainCallbacks()
+    if init_model is not None:
+        if config.factored:
+            raise train_fields.FieldError("init", "init_model is trained as it is: leave rank and rank_ratio out "
+                                                  "(init 'dense')")
+        if config.devices > 1:
+            raise train_fields.FieldError("devices", "init_model trains in one process: devices must be 1")
+        return _Trainer(config, checkpoint_dir, resume, callbacks, ProcessGroup(), init_model).run()
     if config.devices > 1:
-        from core import distributed
+        if in_process_group():
+            return _Trainer(config, checkpoint_dir, resume, callbacks, current()).run()
+        from core.distributed import launch  # the torchrun launcher (imports no core.train)
 
-        if distributed.in_process_group():
-            return _Trainer(config, checkpoint_dir, resume, callbacks, distributed.current()).run()
-        return distributed.launch(config, checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
-    return _Trainer(config, checkpoint_dir, resume, callbacks, _Dist()).run()
+        return launch(config, checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
+    return _Trainer(config, checkpoint_dir, resume, callbacks, ProcessGroup()).run()
 
 
 class _Trainer:
     def __init__(self, config: TrainConfig, checkpoint_dir: str | os.PathLike | None, resume: bool,
-                 callbacks: TrainCallbacks, dist: _Dist) -> None:
-        self.config, self.callbacks, self.dist = config, callbacks, dist
+                 callbacks: TrainCallbacks, dist: ProcessGroup, init_model: nn.Module | None = None) -> None:
+        self.config, self.callbacks, self.dist, self.init_model = config, callbacks, dist, init_model
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.resume = resume
         self.device = resolve_device(config, dist.local_rank if dist.world > 1 else 0)
 
     # -- setup
+    def _latency_policy(self, model: nn.Module, image_size: int, checkpoint: dict[str, Any] | None) -> Any:
+        """latency_aware's policy: layers timed on the training device at latency_batch. The verdicts are
+        measured once, by rank 0 of a fresh run; a resumed run reuses its checkpoint's, and under DDP the
+        other ranks receive rank 0's (so every process builds the same structure)."""
+        from core.latency import LatencyPolicy, decisions
+
+        cfg, dist = self.config, self.dist
+        decided = None
+        if checkpoint is not None:
+            decided = decisions((checkpoint.get("init_report") or {}).get("layers") or [])
+        elif dist.world > 1 and not dist.main:
+            decided = decisions(dist.gather(None)[0]["layers"])  # waits for rank 0's measurement
+        return LatencyPolicy(image_size=image_size, batch=cfg.latency_batch, device=str(self.device),
+                             channels_last=cfg.channels_last if self.device.type == "cuda" else False,
+                             decided=decided)
+
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
         from torch.utils.data import DataLoader, Subset
         from torch.utils.data.distributed import DistributedSampler
@@ -430,7 +292,10 @@ class _Trainer:
                              f"{len(train_ds)} training images of {cfg.dataset}")
 
         seed_everything(cfg.seed)  # same model init in every process
-        model = build_model(cfg.model, num_classes=info.num_classes, small_input=cfg.small_input)
+        if self.init_model is not None:
+            model = self.init_model
+        else:
+            model = build_model(cfg.model, num_classes=info.num_classes, small_input=cfg.small_input)
         image = (3, info.image_size, info.image_size)
         self.params_dense = count_params(model)
         self.macs_dense = count_macs(model, image)
@@ -439,13 +304,25 @@ class _Trainer:
             # On resume (or on ranks > 0, which DDP overwrites with rank 0's weights) only the
             # structure is needed; the factors come from the checkpoint / the broadcast.
             compute = checkpoint is None and dist.main
+            latency = self._latency_policy(model, info.image_size, checkpoint) if cfg.latency_aware else None
             report = factorize_model(model, rank=cfg.rank, rank_ratio=cfg.rank_ratio, method=cfg.init,
                                      include=cfg.include, exclude=cfg.exclude, seed=cfg.seed,
-                                     compute_init=compute)
+                                     compute_init=compute, latency=latency)
             if compute:
                 self.init_report = report.to_dict()
             elif checkpoint is not None:
                 self.init_report = checkpoint.get("init_report")
+            if cfg.latency_aware and checkpoint is None and dist.world > 1 and dist.main:  # the others wait for it
+                dist.gather(self.init_report if dist.main else None)
+            if report.totals["layers_factored"] == 0 and report.totals["layers_kept_dense"]:
+                raise train_fields.FieldError(
+                    "latency_aware", f"latency_aware kept every layer of {cfg.model} dense: no factored form is faster "
+                                     f"on {self.device} at batch {cfg.latency_batch} (see the init report); train "
+                                     "init='dense', or try a lower rank or another latency_batch")
+            if report.totals["layers_factored"] == 0:  # validation rules this out unless the class count was unknown
+                field = "rank" if cfg.rank is not None else "rank_ratio"
+                raise train_fields.FieldError(field, f"{field} {cfg.rank if cfg.rank is not None else cfg.rank_ratio} "
+                                                     f"factorizes no layer of {cfg.model}: every layer keeps its full size")
         self.params_factored = count_params(model)
         self.macs_factored = count_macs(model, image)
 
@@ -481,6 +358,8 @@ class _Trainer:
         val_part = Subset(val_ds, range(dist.rank, len(val_ds), dist.world)) if dist.world > 1 else val_ds
         self.val_loader = DataLoader(val_part, batch_size=cfg.batch_size, shuffle=False,
                                      num_workers=cfg.num_workers, pin_memory=pin)
+        cap = None if cfg.max_val_batches is None else cfg.max_val_batches * cfg.batch_size * dist.world
+        self.val_images = min(len(val_ds), cap or len(val_ds))  # evaluate() sets the exact count it saw
         self.steps_per_epoch = len(self.train_loader)
         if cfg.max_train_batches is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_train_batches)
@@ -543,6 +422,7 @@ class _Trainer:
             "loader_generator": [s["loader_generator"] for s in states],
             "history": self.history,
             "init_report": self.init_report,
+            "guard": self.guard.state(),
             "wall_time_s": self.wall_time_s,
             "world_size": self.dist.world,
         }, self.checkpoint_dir / "last.pt")
@@ -607,6 +487,7 @@ class _Trainer:
             n = labels.shape[0]
             seen += n
             batch_loss = loss.detach().double() * n
+            self._guard(lambda: self.guard.step(batch_loss.item(), n, epoch=epoch + 1, step=self.step))
             loss_sum += batch_loss
             log_loss += batch_loss
             log_n += n
@@ -625,6 +506,17 @@ class _Trainer:
         totals = self.dist.all_sum([loss_sum.item(), float(hits.item()), float(seen)], dev)
         return {"train_loss": totals[0] / totals[2], "train_top1": totals[1] / totals[2],
                 "images_per_s": totals[2] / train_time, "train_time_s": train_time}
+
+    def _guard(self, check: Any) -> None:
+        """Run a divergence check on rank 0; every rank stops together when it fails (rank 0's flag is broadcast)."""
+        error = None
+        if self.dist.main:
+            try:
+                check()
+            except TrainingDiverged as exc:
+                error = exc
+        if self.dist.any_true(error is not None, self.device):
+            raise error or TrainingDiverged(f"diverged at step {self.step} (reported by rank 0)")
 
     def _progress(self) -> None:
         pct = int(100 * self.step / self.total_steps)
@@ -647,6 +539,7 @@ class _Trainer:
             sums += torch.stack([loss.double(), top1.double(), topk.double(),
                                  torch.tensor(labels.shape[0], dtype=torch.float64, device=dev)])
         loss, top1, topk, n = self.dist.all_sum(sums.tolist(), dev)
+        self.val_images = int(n)
         n = max(n, 1.0)
         return {"val_loss": loss / n, "val_top1": top1 / n, "val_top5": topk / n}
 
@@ -665,6 +558,11 @@ class _Trainer:
         self.history: list[dict[str, float]] = []
         self.wall_time_s = 0.0
         start_epoch, self.step = 0, 0
+        cfg = self.config
+        hint = f"lower lr (now {cfg.lr:g})" + (f" or warm up longer (warmup_epochs now {cfg.warmup_epochs:g})"
+                                               if cfg.warmup_epochs < 1 else "")
+        self.guard = DivergenceGuard(hint, self.info.num_classes,
+                                     start=(ckpt.get("guard") or {}).get("start") if ckpt else None)
         if ckpt is not None:
             self._restore(ckpt)
             start_epoch, self.step = int(ckpt["epoch"]), int(ckpt["step"])
@@ -674,15 +572,15 @@ class _Trainer:
         for epoch in range(start_epoch, self.config.epochs):
             t0 = time.perf_counter()
             metrics = self._train_epoch(epoch)
+            if self.dist.main:
+                self.callbacks.before_evaluate(self.raw_model)
             self._sync_buffers()
             metrics.update(self.evaluate())
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             metrics["epoch_time_s"] = time.perf_counter() - t0
             metrics["epoch"] = epoch + 1
-            bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
-            if bad:  # NaN/inf is no result to store or resume from (and not valid JSON)
-                raise FloatingPointError(f"training diverged: {bad[0]} is {metrics[bad[0]]} after epoch "
-                                         f"{epoch + 1}; try a lower lr (now {self.config.lr}) or more warm-up")
+            # NaN/inf or an exploded val loss is no result to store or resume from (core/guards.py)
+            self._guard(lambda: self.guard.epoch_end(metrics["val_loss"], epoch=epoch + 1, steps=self.step))
             self.wall_time_s += metrics["epoch_time_s"]
             self.history.append(metrics)
             if self.dist.main:
@@ -712,7 +610,9 @@ class _Trainer:
             "world_size": self.dist.world,
             "init_report": self.init_report["layers"] if self.init_report else None,
             "init_totals": self.init_report["totals"] if self.init_report else None,
+            "latency_policy": self.init_report.get("latency") if self.init_report else None,
             "resumed_from_epoch": resumed_from,
+            "warnings": [w for w in [chance_warning(last["val_top1"], self.info.num_classes, self.val_images)] if w],
             "history": self.history,
             "config": self.config.to_dict(),
         }
@@ -723,5 +623,5 @@ class _Trainer:
         return summary
 
 
-__all__ = ["TrainConfig", "TrainCallbacks", "TrainingCancelled", "train", "resolve_device",
+__all__ = ["TrainConfig", "TrainCallbacks", "TrainingCancelled", "TrainingDiverged", "train", "resolve_device",
            "lr_factor", "weights_fingerprint"]

@@ -73,7 +73,7 @@ def _choose(names: list[str], key: str | None, path: Path, what: str) -> str:
 def _load_pt(path: Path, key: str | None) -> Any:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, non-allowlisted globals, truncated files
+    except Exception as exc:  # noqa: BLE001 - pickle errors, non-allowlisted globals, truncated files
         raise WeightsError(f"{path}: not a readable torch file with weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if isinstance(obj, torch.Tensor):
         if key is not None:
@@ -122,7 +122,7 @@ def load_weights(ref: str) -> torch.Tensor:
             arr = _load_pt(path, key)
     except WeightsError:
         raise
-    except Exception as exc:  # corrupt files: one line naming the file and the reason
+    except Exception as exc:  # noqa: BLE001 - corrupt files: one line naming the file and the reason
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise WeightsError(f"{path}: cannot read weights ({type(exc).__name__}: {first})") from None
     return _as_matrix(arr, f"{path}" + (f":{key}" if key else ""))

@@ -82,7 +82,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(cond, timeout: float, poll: float = 0.5):  # noqa: ANN001, ANN201
+def wait_until(cond, timeout: float, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()

@@ -42,7 +42,7 @@ def make_engine(url: str) -> Engine:
                                pool_pre_ping=True)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
@@ -53,7 +53,7 @@ def make_engine(url: str) -> Engine:
             dbapi_conn.isolation_level = None
 
         @event.listens_for(engine, "begin")
-        def _begin_immediate(conn) -> None:  # noqa: ANN001
+        def _begin_immediate(conn) -> None:
             # Take the write lock up front: a DEFERRED transaction that reads and then writes fails at
             # once with "database is locked" (no busy wait) when another process wrote meanwhile.
             # WAL readers are not blocked by it; transactions here are short.
@@ -113,3 +113,9 @@ def dispose_engines() -> None:
             engine.dispose()
         _engines.clear()
         _factories.clear()
+
+
+def ping_database() -> None:
+    """Raise if the database cannot answer `SELECT 1` (readiness)."""
+    with get_engine().connect() as conn:
+        conn.exec_driver_sql("SELECT 1")

@@ -62,6 +62,18 @@ class TooLarge(DomainError):
     code = "too_large"
 
 
+class QuotaExceeded(DomainError):
+    """The caller is over a per-owner quota (429; jobs/quotas.py); the message names the limit and its
+    setting. `retry_after_s` is set where waiting helps (queued jobs start and leave the count)."""
+
+    status_code = 429
+    code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
 class Forbidden(DomainError):
     """The caller may not act on this object (403): not its owner and not an admin."""
 
@@ -76,8 +88,37 @@ class Unauthorized(DomainError):
     code = "unauthorized"
 
 
-class Unavailable(DomainError):
-    """A backing service (database, broker) cannot be reached right now (503)."""
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    """'; did you mean 'x'?' naming the choice closest to a mistyped `word`, or '' when none is close."""
+    import difflib
 
-    status_code = 503
-    code = "unavailable"
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _server_folders() -> list[tuple[str, str]]:
+    """(absolute folder, label) pairs a user-facing message must not show, longest first."""
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    from jobs.settings import get_settings
+
+    settings = get_settings()
+    folders = [(str(settings.artifacts), "<artifacts>"), (str(settings.home), "<lowrank home>")]
+    folders += [(str(root), "<data root>") for root in settings.data_roots]
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sysconfig.get_paths().values()}
+    folders += [(p, "<python>") for p in python if p and p != "/"]
+    folders.append((str(Path(__file__).resolve().parents[1]), "<lowrank code>"))
+    return sorted(folders, key=lambda f: len(f[0]), reverse=True)
+
+
+def redact_paths(text: str) -> str:
+    """`text` with the server's folders replaced by labels: the artifact root (`<artifacts>/uploads/x.npz`),
+    LOWRANK_HOME, the data roots, Python's install folders (site-packages, the standard library) and the
+    code's folder. For what users see of a job's failure (worker/tasks.py:error_text)."""
+    import re
+
+    for folder, label in _server_folders():
+        text = re.sub(re.escape(folder) + r"(?=[/\s:'\",)\]]|$)", label, text)
+    return text

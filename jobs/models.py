@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 ORM rows. Only jobs/store.py touches them; everything else sees dataclasses.
+"""SQLAlchemy 2 ORM rows. Only the jobs/ package's data modules touch them (jobs/store/, jobs/sweeps/, jobs/search*.py,
+jobs/claims.py, ...); the API, the worker and the CLI see dataclasses.
 
 Every schema change is an Alembic migration (migrations/versions/); a test checks that
 autogenerate against the migrated Postgres finds no difference from these models.
@@ -27,17 +28,44 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-PRIORITIES = ("high", "normal", "low")
-# Queue families: cpu, gpu (one GPU per job), gpu<N> (one job on N GPUs of one node, DDP under torchrun).
-MAX_JOB_DEVICES = 8
-QUEUES = ("cpu", "gpu", *(f"gpu{n}" for n in range(2, MAX_JOB_DEVICES + 1)))
-JOB_KINDS = ("approx", "learn", "train")
+from jobs.rows import utcnow
+
+# The enumerations of the CHECK constraints below are jobs/vocabulary.py's; these two are re-exported for
+# callers that read them here (m.TERMINAL_STATUSES; tests/core/test_train_contract.py).
+from jobs.vocabulary import (  # noqa: F401 - re-exports, see above
+    JOB_KINDS,
+    JOB_STATUSES,
+    MAX_JOB_DEVICES,
+    PRIORITIES,
+    QUEUES,
+    SWEEP_STRATEGIES,
+    TERMINAL_STATUSES,
+    TRIAL_STATES,
+)
+
+# Idempotency keys are scoped by owner: one unique index per owner over the rows that have a key, and
+# one for the rows without an owner (auth off: everyone is the one anonymous owner; NULLs would
+# otherwise never collide). Partial, so rows without a key cost these indexes nothing.
+_HAS_KEY = "idempotency_key IS NOT NULL"
+_ANONYMOUS_KEY = "owner IS NULL AND idempotency_key IS NOT NULL"
+
+
+def _idempotency_indexes(table: str) -> tuple[Index, Index]:
+    return (Index(f"ix_{table}_owner_idempotency_key", "owner", "idempotency_key", unique=True,
+                  postgresql_where=text(_HAS_KEY), sqlite_where=text(_HAS_KEY)),
+            Index(f"ix_{table}_anonymous_idempotency_key", "idempotency_key", unique=True,
+                  postgresql_where=text(_ANONYMOUS_KEY), sqlite_where=text(_ANONYMOUS_KEY)))
+
+
+def owned_by(model: Any, owner: str | None) -> Any:
+    """WHERE clause: rows of `model` (Job, Sweep) owned by `owner`; None is the anonymous owner (auth off)."""
+    return model.owner.is_(None) if owner is None else model.owner == owner
+
 
 # JSONB on Postgres (indexable, compact), JSON text elsewhere.
 PortableJSON = JSON().with_variant(JSONB(), "postgresql")
@@ -54,18 +82,14 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTCDateTime column")
-        value = value.astimezone(dt.timezone.utc)
+        value = value.astimezone(dt.UTC)
         # SQLite compares stored text: keep one format (naive UTC) so range queries stay correct.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _check_in(column: str, values: tuple[str, ...]) -> str:
@@ -98,15 +122,21 @@ class Sweep(Base):
     early_stopping: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)
     n_points: Mapped[int] = mapped_column(Integer, default=0)  # grid points (without seeds)
     n_jobs: Mapped[int] = mapped_column(Integer, default=0)  # n_points * len(seeds)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))  # unique per owner
     owner: Mapped[str | None] = mapped_column(String(128))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Search sweeps (migration 0004): strategy "search" asks its points from a sampler (jobs/search.py);
+    # `search` is its configuration (space, objectives, budget, ...), null for grid sweeps.
+    strategy: Mapped[str] = mapped_column(String(16), default="grid", server_default="grid")
+    search: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)
 
     __table_args__ = (
         CheckConstraint(_check_in("kind", JOB_KINDS), name="kind"),
+        CheckConstraint(_check_in("strategy", SWEEP_STRATEGIES), name="strategy"),
         Index(None, "created_at", "id"),
         Index(None, "owner"),
+        *_idempotency_indexes("sweeps"),
     )
 
 
@@ -124,7 +154,7 @@ class Job(Base):
     name: Mapped[str | None] = mapped_column(String(200))
     tags: Mapped[list[str]] = mapped_column(PortableJSON, default=list)
     owner: Mapped[str | None] = mapped_column(String(128))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))  # unique per owner
 
     # Sweep membership: the grid point (dotted path -> value), its index in the grid, and the seed.
     sweep_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"))
@@ -135,6 +165,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # runs started (claims)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # True while the claiming supervisor holds the job's lease (jobs/lease.py): a free lease then means
+    # the supervisor died. Null for claims without one (store.claim_job), which only the heartbeat rule reaps.
+    leased: Mapped[bool | None] = mapped_column(Boolean)
     progress: Mapped[float | None] = mapped_column(Double)  # 0..1
     result: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)
     error: Mapped[str | None] = mapped_column(Text)
@@ -160,8 +193,26 @@ class Job(Base):
         Index(None, "owner", "created_at", "id"),
         # The reaper's scan for stale running jobs.
         Index(None, "status", "heartbeat_at"),
+        # The fair claim (jobs.claims): queued jobs per device, priority and owner, oldest first (a sweep's
+        # jobs share created_at: then in grid order).
+        Index("ix_jobs_claim", "queue", "priority", "owner", "created_at", "sweep_point_index", "seed", "id",
+              postgresql_where=text("status = 'queued'"), sqlite_where=text("status = 'queued'")),
         UniqueConstraint("sweep_id", "sweep_point_index", "seed"),
+        *_idempotency_indexes("jobs"),
+        # Per-owner quotas count an owner's queued jobs (and the high-priority ones among them).
+        Index("ix_jobs_queued_owner_priority", "owner", "priority", postgresql_where=text("status = 'queued'"),
+              sqlite_where=text("status = 'queued'")),
     )
+
+
+class OwnerTurn(Base):
+    """When an owner last had a job claimed: among owners with equally many running jobs, the fair claim
+    serves the one served longest ago (store.claim_next_job). One row per owner ever served."""
+
+    __tablename__ = "owner_turns"
+
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)  # "" = jobs without an owner (auth off)
+    last_claimed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class JobTag(Base):
@@ -234,3 +285,28 @@ class ApiToken(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class SearchTrial(Base):
+    """One trial of a search sweep (jobs/search.py): the point its sampler asked and, once its jobs (one
+    per seed, jobs.sweep_point_index = number) have all ended, what was told: the state and the objective
+    values (mean over seeds). The sampler's study is rebuilt from these rows, so they are its only state."""
+
+    __tablename__ = "search_trials"
+
+    sweep_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0, 1, ... in order of asking
+    point: Mapped[dict[str, Any]] = mapped_column(PortableJSON)  # dotted spec path -> value
+    state: Mapped[str] = mapped_column(String(16), default="running")
+    values: Mapped[list[float] | None] = mapped_column(PortableJSON)  # one per objective; complete trials only
+    # Pruner metric per epoch (str(epoch) -> mean over seeds), kept when the trial is told.
+    intermediate: Mapped[dict[str, float] | None] = mapped_column(PortableJSON)
+    pruned_at: Mapped[int | None] = mapped_column(Integer)  # the epoch at which the pruner stopped it
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed or was pruned
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)  # asked
+    told_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        CheckConstraint(_check_in("state", TRIAL_STATES), name="state"),
+        Index(None, "state", "sweep_id"),  # the reaper's scan for running trials
+    )

@@ -4,25 +4,32 @@ The API sends tasks by name and never imports worker code; the payload is the jo
 sent after the database commit (the job row is the truth; a message is only a wake-up call).
 Queues are `<prefix><device>.<priority>`, e.g. `lowrank.gpu.high`; a worker lists its queues
 high -> normal -> low and, on Redis, consumes them in that order (queue_order_strategy="priority").
+A message is a slot for its device: the worker that receives it runs the next job of that device
+chosen fairly in the database (jobs/claims.py: priority first, then owners in turn), not necessarily
+the job it names.
 """
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from jobs.models import PRIORITIES, QUEUES
 from jobs.settings import Settings, get_settings
+from jobs.vocabulary import PRIORITIES, QUEUES, Priority
+
+if TYPE_CHECKING:
+    from jobs.dispatch import JobDispatch
 
 TASK_RUN_JOB = "lowrank.run_job"  # one arg: job id (str UUID)
 TASK_REAP = "lowrank.reap_stale_jobs"
 
-DEVICES: tuple[str, ...] = QUEUES  # cpu, gpu, gpu2..gpu8 (jobs.models.QUEUES)
+DEVICES: tuple[str, ...] = QUEUES  # cpu, gpu, gpu2..gpu8 (jobs.vocabulary.QUEUES)
 # A broker hiccup: a publish is retried briefly, then reported (the reaper re-sends what was not sent).
 SEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
 
-def queue_name(device: str, priority: Literal["high", "normal", "low"],
+def queue_name(device: str, priority: Priority,
                settings: Settings | None = None) -> str:
     """`<queue_prefix><device>.<priority>`, e.g. "lowrank.cpu.normal", "lowrank.gpu4.high"."""
     if device not in DEVICES:
@@ -31,11 +38,6 @@ def queue_name(device: str, priority: Literal["high", "normal", "low"],
         raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
     prefix = (settings or get_settings()).queue_prefix
     return f"{prefix}{device}.{priority}"
-
-
-def queue_names(device: str, settings: Settings | None = None) -> list[str]:
-    """The queues one worker of `device` consumes, highest priority first (pass to `celery worker -Q`)."""
-    return [queue_name(device, p, settings) for p in PRIORITIES]  # type: ignore[arg-type]
 
 
 def broker_transport_options(settings: Settings) -> dict:
@@ -70,12 +72,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         # Long GPU jobs: ack after the task ran, give the message back if the worker dies, and let
-        # each worker process hold only the one message it is running.
+        # each task thread hold only the one message it is running (a busy worker hoards no slots).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_soft_time_limit=settings.job_soft_time_limit_s,
-        task_time_limit=settings.job_time_limit_s,
+        # No Celery time limits: the job's supervisor enforces LOWRANK_JOB_*TIME_LIMIT_S (worker/supervisor.py).
         task_default_queue=queue_name("cpu", "normal", settings),
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
@@ -97,7 +98,7 @@ def _queue(celery_app: Celery, device: str, priority: str) -> str:
 
 
 def enqueue_job(celery_app: Celery, job_id: str, device: str,
-                priority: Literal["high", "normal", "low"]) -> None:
+                priority: Priority) -> None:
     """Send TASK_RUN_JOB(job_id) to its queue. Call only after the job row is committed."""
     celery_app.send_task(
         TASK_RUN_JOB,
@@ -117,20 +118,21 @@ class BulkEnqueueError(Exception):
         self.sent = sent
 
 
-def enqueue_jobs(celery_app: Celery, jobs: list[tuple[str, str, str]], *, batch_size: int = 1000) -> int:
-    """Send TASK_RUN_JOB for many (job_id, device, priority) over one producer; returns how many were sent.
+def enqueue_jobs(celery_app: Celery, jobs: Sequence[JobDispatch], *, batch_size: int = 1000) -> int:
+    """Send TASK_RUN_JOB for many jobs (jobs.dispatch.JobDispatch) over one producer; returns how many were sent.
 
     Each message is built by Celery's own send_task (the same format the worker consumes). On Redis
-    they are pipelined, `batch_size` per round trip (kombu's Producer.batch); on transports without
-    batch publishing (the embedded filesystem broker) each is sent at once, with enqueue_job's retry
-    policy. Raises BulkEnqueueError(sent) if the broker fails part-way. Call only after the jobs'
-    rows are committed."""
+    they are pipelined, `batch_size` per round trip (kombu's Producer.batch); one message alone, or on
+    transports without batch publishing (the embedded filesystem broker), each is sent at once with
+    enqueue_job's retry policy. Raises BulkEnqueueError(sent) if the broker fails part-way. Call only
+    after the jobs' rows are committed (jobs.dispatch.dispatch does, and records a failure)."""
     sent = 0
     try:
         with celery_app.producer_or_acquire() as producer:
-            if not producer.supports_batch_publish:
-                for job_id, device, priority in jobs:
-                    celery_app.send_task(TASK_RUN_JOB, args=[str(job_id)], queue=_queue(celery_app, device, priority),
+            if not producer.supports_batch_publish or len(jobs) == 1:
+                for j in jobs:
+                    celery_app.send_task(TASK_RUN_JOB, args=[str(j.job_id)],
+                                         queue=_queue(celery_app, j.device, j.priority),
                                          producer=producer, retry=True, retry_policy=SEND_RETRY_POLICY)
                     sent += 1
                 return sent
@@ -138,9 +140,9 @@ def enqueue_jobs(celery_app: Celery, jobs: list[tuple[str, str, str]], *, batch_
                 chunk = jobs[start:start + batch_size]
                 # One pipeline per chunk: flushed when the block exits, discarded if it raises.
                 with producer.batch(max_size=len(chunk) + 16):
-                    for job_id, device, priority in chunk:
-                        celery_app.send_task(TASK_RUN_JOB, args=[str(job_id)],
-                                             queue=_queue(celery_app, device, priority), producer=producer)
+                    for j in chunk:
+                        celery_app.send_task(TASK_RUN_JOB, args=[str(j.job_id)],
+                                             queue=_queue(celery_app, j.device, j.priority), producer=producer)
                 sent += len(chunk)
     except Exception as exc:
         raise BulkEnqueueError(sent, exc) from exc

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     # Authentication of API requests: "off" (loopback-only embedded use) or "required" (Bearer tokens).
     auth: Literal["off", "required"] = "off"
+    # How long an API process trusts a token lookup (valid or unknown) before asking the database again:
+    # one lookup per window for a busy client; a revoked token works at most this long (0: no cache).
+    auth_cache_s: float = Field(5.0, ge=0)
 
     # Threads per API process that run request handlers (the route handlers are sync: database and
     # Redis calls). Few threads keep the GIL from thrashing: on 2 cores, 4 gives ~1,000 submissions/s
@@ -46,29 +49,48 @@ class Settings(BaseSettings):
 
     # Limits, each enforced with a clear 413/422 naming it.
     max_body_bytes: int = Field(1 << 20, ge=1024)  # JSON request bodies
-    max_upload_bytes: int = Field(512 << 20, ge=1024)  # uploaded weight files
+    max_upload_bytes: int = Field(512 << 20, ge=1024)  # uploaded weight files, as sent
+    # What an upload's arrays expand to in memory, all together (shape x dtype, read from headers): a
+    # 4 MB deflated .npz can hold 4 GiB of zeros. 1 GiB holds the largest allowed matrix in float64.
+    max_upload_expanded_bytes: int = Field(1 << 30, ge=1024)
     max_sweep_points: int = Field(10_000, ge=1)  # jobs one sweep may create
     max_matrix_elements: int = Field(1 << 26, ge=1)  # m*d of a weight matrix (64 Mi elements = 256 MiB fp32)
     max_rank: int = Field(4096, ge=1)
     max_epochs: int = Field(1000, ge=1)
     max_mc_samples: int = Field(1_000_000, ge=0)
+    # Per-owner quotas, checked at submission (429 naming the setting; 0 = no limit); admins (and
+    # everyone with auth off) are exempt. Queued jobs count a sweep's jobs and retried jobs; one sweep
+    # may create at most max_sweep_jobs_per_owner jobs; queued `priority: high` jobs, which workers take
+    # before all others, at most max_high_priority_jobs_per_owner. (Running jobs: worker side.)
+    max_queued_jobs_per_owner: int = Field(2000, ge=0)
+    max_sweep_jobs_per_owner: int = Field(1000, ge=0)
+    max_high_priority_jobs_per_owner: int = Field(10, ge=0)
     # Folders an `imagefolder` train job may read (comma-free JSON list in env: '["/data"]').
     data_roots: list[Path] = Field(default_factory=list)
 
-    # Worker liveness: a running job heartbeats every heartbeat_interval_s; after stale_after_s of
-    # silence the reaper re-queues it, at most max_attempts runs in all.
+    # Worker liveness: a job's supervisor (worker/supervisor.py, not the job's own process) heartbeats
+    # every heartbeat_interval_s; after stale_after_s of silence the reaper re-queues the job, at most
+    # max_attempts runs in all. A supervisor whose process died is seen sooner: its job lease is free
+    # (jobs/lease.py) and its heartbeat older than 1.5 intervals.
     heartbeat_interval_s: float = Field(10.0, gt=0)
     stale_after_s: float = Field(120.0, gt=0)
     max_attempts: int = Field(3, ge=1)
-    reap_interval_s: float = Field(30.0, gt=0)
-    # Per-job time limits (seconds): soft raises inside the task so it can record `failed`; hard kills.
+    reap_interval_s: float = Field(10.0, gt=0)
+    # Per-job time limits (seconds), enforced by the job's supervisor: at the soft limit the job is asked
+    # to stop (recorded `failed`, naming the limit); at the hard limit its process group is killed.
     job_soft_time_limit_s: float = Field(48 * 3600, gt=0)
     job_time_limit_s: float = Field(48 * 3600 + 300, gt=0)
+    # How long a job asked to stop (cancel) may take before its process group is killed: a training
+    # loop stops at its next step; a LAPACK call that holds the GIL is killed after this grace.
+    stop_grace_s: float = Field(5.0, ge=0)
+    # Fair use at claim time: jobs one owner may have running at once (0 = no limit). Admins (an owner
+    # with a live admin token) and jobs without an owner (auth off) are exempt.
+    max_running_jobs_per_owner: int = Field(32, ge=0)
     # Redis re-delivers an unacked message after this long; must exceed the longest job (hard limit).
     visibility_timeout_s: float = Field(7 * 24 * 3600, gt=0)
 
     @model_validator(mode="after")
-    def _resolve(self) -> "Settings":
+    def _resolve(self) -> Settings:
         self.home = self.home.expanduser().resolve()
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home / 'lowrank.db'}"

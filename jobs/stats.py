@@ -17,6 +17,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from jobs import models as m
 from jobs.db import session_scope
+from jobs.rows import is_postgres
+from jobs.vocabulary import JOB_KINDS, JOB_STATUSES, PRIORITIES, QUEUES, TERMINAL_STATUSES
 
 if TYPE_CHECKING:
     import redis
@@ -70,7 +72,7 @@ class ServiceStats:
 def _duration_s(session: Session) -> ColumnElement[float]:
     """finished_at - started_at in seconds, as a SQL expression for this session's dialect."""
     job = m.Job
-    if session.get_bind().dialect.name == "sqlite":
+    if not is_postgres(session):
         # SQLite stores naive UTC text (models.UTCDateTime); julianday is in days.
         return (func.julianday(job.finished_at) - func.julianday(job.started_at)) * 86400.0
     return cast(func.extract("epoch", job.finished_at - job.started_at), Float)
@@ -84,7 +86,7 @@ def service_stats(buckets: Sequence[float] = DURATION_BUCKETS_S, *, url: str | N
         raise ValueError(f"buckets must be strictly increasing, got {list(buckets)}")
     job = m.Job
     with session_scope(url) as session:
-        counts = {(s, k): 0 for s in m.JOB_STATUSES for k in m.JOB_KINDS}
+        counts = {(s, k): 0 for s in JOB_STATUSES for k in JOB_KINDS}
         for status, kind, n in session.execute(
             select(job.status, job.kind, func.count()).group_by(job.status, job.kind)
         ):
@@ -96,10 +98,10 @@ def service_stats(buckets: Sequence[float] = DURATION_BUCKETS_S, *, url: str | N
             .where(job.status == "queued").group_by(job.queue, job.priority)
         ):
             queued[(device, priority)] = (int(n), _utc(oldest))
-        backlog = [QueueBacklog(d, p, *queued.get((d, p), (0, None))) for d in m.QUEUES for p in m.PRIORITIES]
+        backlog = [QueueBacklog(d, p, *queued.get((d, p), (0, None))) for d in QUEUES for p in PRIORITIES]
 
         dur = _duration_s(session)
-        finished = and_(job.status.in_(m.TERMINAL_STATUSES), job.started_at.is_not(None),
+        finished = and_(job.status.in_(TERMINAL_STATUSES), job.started_at.is_not(None),
                         job.finished_at.is_not(None))
         columns = [job.kind, job.status, func.count(), func.sum(dur)]
         columns += [func.sum(case((dur <= b, 1), else_=0)) for b in bounds]
@@ -129,7 +131,7 @@ def _utc(value: dt.datetime | str | None) -> dt.datetime | None:
         return None
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value)
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 # ---------------------------------------------------------------------------------------------

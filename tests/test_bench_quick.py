@@ -60,3 +60,22 @@ def test_summary_reads_every_goal_of_the_committed_results(tmp_path: Path) -> No
     speed = next(r for g, r in by_goal.items() if g.startswith("NKP at most 3x"))
     assert re.match(r"[\d.]+x \(", speed[2]) and speed[3] in ("met", "**not met**")
     assert {r[0] for r in rows} >= {"2", "3"}
+
+
+def test_quick_search_bench_writes_results_into_out_dir(tmp_path: Path) -> None:
+    """`python -m bench --quick --out DIR search`: the grid and the searches run through the service,
+    the hypervolume fractions are in (0, 1] (a search can not beat the grid on the grid's own space), the
+    table, plot and summary row are written, and the budget is 30% of the grid."""
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out), "search"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads((out / "search.json").read_text())["data"]
+    assert d["budget_trials"] == round(0.3 * d["grid_points"])
+    for sampler in ("tpe", "random"):
+        assert len(d[f"hv_fraction_{sampler}"]) == len(d["seeds"])
+        assert all(0 < f <= 1 + 1e-12 for f in d[f"hv_fraction_{sampler}"])
+    md = (out / "search.md").read_text()
+    assert HEADER.search(md) and "## 1. Hypervolume with" in md and "Switching to the compress space" in md
+    assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert re.search(r"\| 15 \| Search vs the full grid: .* \| TPE [\d.]+ \(", (out / "README.md").read_text())

@@ -124,6 +124,15 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path):
         "string as an integer"]
 
 
+def test_a_bad_auth_cache_setting_is_one_line_naming_the_variable(tmp_path):
+    """LOWRANK_AUTH_CACHE_S is a setting like the others (jobs/settings.py), not read from os.environ."""
+    out = subprocess.run([sys.executable, "-m", "lowrank", "api", "--port", str(free_port())], cwd=tmp_path,
+                         env=clean_env(LOWRANK_AUTH_CACHE_S="-1"), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: invalid settings: LOWRANK_AUTH_CACHE_S='-1': Input should be greater than or equal to 0"]
+
+
 @pytest.mark.timeout(120)
 def test_api_starts_the_configured_number_of_processes(tmp_path):
     """LOWRANK_API_PROCESSES (what compose sets) is the default of `lowrank api --workers`."""
@@ -176,24 +185,12 @@ def _head() -> str:
     return head_revision()
 
 
-def test_demo_switches_to_sweeps_when_the_server_has_them():
-    from lowrank.cli.service import DEMO_METHODS, DEMO_RANKS, demo_specs, demo_sweep, sweeps_supported
+def test_demo_sweep_is_twelve_valid_jobs():
+    from jobs.sweeps import SweepCreate, expand
+    from lowrank.cli.service import DEMO_METHODS, DEMO_RANKS, demo_sweep
 
-    jobs_only = {"paths": {"/api/v1/jobs": {"post": {}}}}
-    with_sweeps = {"paths": {"/api/v1/sweeps": {"post": {"requestBody": {"content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/SweepCreate"}}}}}}},
-        "components": {"schemas": {"SweepCreate": {"properties": {"base": {}, "grid": {}, "seeds": {}}}}}}
-    other_body = {"paths": {"/api/v1/sweeps": {"post": {"requestBody": {"content": {"application/json": {
-        "schema": {"properties": {"specs": {}}}}}}}}}}
-    assert not sweeps_supported(jobs_only)
-    assert sweeps_supported(with_sweeps)
-    assert not sweeps_supported(other_body)
-    specs = demo_specs("demo-x")
-    assert len(specs) == len(DEMO_RANKS) * len(DEMO_METHODS) == 12
-    assert {(s["rank"], s["method"]) for s in specs} == {(r, m) for r in (1, 4, 16, 64) for m in ("spectral", "rescale", "nkp")}
-    from jobs.specs import parse_spec
-
-    for s in specs:  # every demo job is a valid spec
-        parse_spec(s)
     sweep = demo_sweep("demo-x")
+    points = expand(SweepCreate(**sweep))  # every demo job is a valid spec (InvalidInput otherwise)
+    assert len(points) == len(DEMO_RANKS) * len(DEMO_METHODS) == 12
+    assert {(spec.rank, spec.method) for _, spec in points} == {(r, m) for r in (1, 4, 16, 64) for m in ("spectral", "rescale", "nkp")}
     assert sweep["grid"] == {"rank": [1, 4, 16, 64], "method": ["spectral", "rescale", "nkp"]}

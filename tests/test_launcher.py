@@ -154,7 +154,7 @@ def _redis_up() -> bool:
 
     try:
         return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to ping means no Redis for this test
         return False
 
 
@@ -193,11 +193,9 @@ def _ping(app, names: list[str], timeout: float) -> set[str]:
 
 @pytest.mark.service
 @pytest.mark.timeout(180)
-def test_real_workers_per_fake_gpu(tmp_path):
+def test_real_workers_per_fake_gpu(tmp_path, unavailable):
     if not _redis_up():
-        if os.environ.get("LOWRANK_TEST_REQUIRE_SERVICES"):
-            pytest.fail("Redis at 127.0.0.1:6379 is required (LOWRANK_TEST_REQUIRE_SERVICES=1)")
-        pytest.skip("Redis at 127.0.0.1:6379 is not reachable")
+        unavailable("Redis at 127.0.0.1:6379 is not reachable")
     from jobs.queue import make_celery
     from jobs.settings import Settings
 
@@ -223,13 +221,16 @@ def test_real_workers_per_fake_gpu(tmp_path):
             by_gpu[e["CUDA_VISIBLE_DEVICES"]] = pid
             assert argv[argv.index("-n") + 1] == f"worker@{host}-gpu{e['CUDA_VISIBLE_DEVICES']}"
             assert e["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 2))
-            # The pool process that runs jobs inherits the one GPU.
-            assert [_environ(c)["CUDA_VISIBLE_DEVICES"] for c in _children(pid)] == [e["CUDA_VISIBLE_DEVICES"]]
+            # The job-process server that forks each job's process inherits the one GPU.
+            helpers = _children(pid)
+            assert helpers and all(_environ(c)["CUDA_VISIBLE_DEVICES"] == e["CUDA_VISIBLE_DEVICES"] for c in helpers)
         assert set(by_gpu) == {"3", "5"}
-        # The launcher itself never loaded torch (so it cannot have initialized CUDA).
-        maps = Path(f"/proc/{launcher.pid}/maps").read_text()
-        assert "libtorch" not in maps and "libcuda" not in maps
-        assert "libtorch" in Path(f"/proc/{by_gpu['3']}/maps").read_text()  # the workers did
+        # Neither the launcher nor a worker's own process loads torch (so neither can initialize CUDA); the
+        # worker's job-process server imported it once for the job processes it forks.
+        for pid in (launcher.pid, by_gpu["3"]):
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert "libtorch" not in maps and "libcuda" not in maps
+        assert any("libtorch" in Path(f"/proc/{c}/maps").read_text() for c in _children(by_gpu["3"]))
 
         # A worker dying is reported and not restarted; the other keeps serving.
         os.kill(by_gpu["3"], signal.SIGKILL)

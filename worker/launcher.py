@@ -32,10 +32,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
-from jobs.models import MAX_JOB_DEVICES, QUEUES as DEVICES  # cpu, gpu, gpu2..gpu8
+from jobs.vocabulary import MAX_JOB_DEVICES  # cpu, gpu, gpu2..gpu8
+from jobs.vocabulary import QUEUES as DEVICES
+
 PRIORITIES = ("high", "normal", "low")  # consumption order: Redis queue_order_strategy="priority"
 CELERY_APP = "worker.celery_app:app"
 
@@ -135,7 +137,7 @@ def celery_queue_names(devices: Sequence[str]) -> list[str]:
 
 def plan_workers(*, queues: Sequence[str], gpus: Sequence[str] | None,
                  gpus_per_worker: int = 1,
-                 concurrency: int = 1, pool: str = "prefork", loglevel: str = "INFO",
+                 concurrency: int = 1, loglevel: str = "INFO",
                  hostname: str | None = None, cpu_count: int | None = None,
                  python: str = sys.executable,
                  environ: Mapping[str, str] | None = None) -> list[PlannedProcess]:
@@ -159,9 +161,9 @@ def plan_workers(*, queues: Sequence[str], gpus: Sequence[str] | None,
 
     def argv(node: str) -> list[str]:
         # mingle/gossip only slow start-up and add broadcast chatter; nothing here uses them.
+        # No -P: the app's pool (worker.supervisor.SupervisorPool: -c threads, each supervising one job process).
         return [python, "-m", "celery", "-A", CELERY_APP, "worker", "-n", node, "-Q", queue_list,
-                "-P", pool, "-c", str(concurrency), "-l", loglevel,
-                "--without-mingle", "--without-gossip"]
+                "-c", str(concurrency), "-l", loglevel, "--without-mingle", "--without-gossip"]
 
     if gpus is None:
         return [PlannedProcess(name=f"worker@{host}", argv=argv(f"worker@{host}"), env={})]

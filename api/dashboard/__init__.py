@@ -13,6 +13,7 @@ import html
 import importlib.metadata
 import importlib.util
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def render(page: str, title: str, data: dict[str, Any] | None = None) -> str:
         # JSON inside an attribute: html.escape quotes it; the JS reads dataset.page_data.
         "{{data}}": html.escape(json.dumps(data or {}), quote=True),
     }
+    # A body may load more of static/ with {{asset:NAME}} (the sweep page: search.js).
+    body = re.sub(r"\{\{asset:([A-Za-z0-9_.-]+)\}\}", lambda mo: html.escape(asset_url(mo.group(1))), body)
     out = layout.replace("{{body}}", body)
     for key, value in values.items():
         out = out.replace(key, value)

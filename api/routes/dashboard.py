@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from api import dashboard
 from jobs.errors import InvalidInput, NotFound
+from jobs.store import ID_PREFIX_MIN
 
 router = APIRouter(include_in_schema=False)
 
@@ -34,29 +35,41 @@ def index_page() -> HTMLResponse:
     return _page("index", "lowrank-lab: jobs")
 
 
+def _id_or_prefix(text: str, what: str, loc: tuple[str, ...]) -> str:
+    """A full id (normalized) or the start of one (4+ hex digits, lower case). The page's script resolves
+    a prefix through the API with the viewer's token (GET ...?id_prefix=), so this route learns nothing
+    about which ids exist and tells nothing to a viewer without a token."""
+    text = text.strip()
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        pass
+    digits = text.replace("-", "").lower()
+    if len(digits) < ID_PREFIX_MIN or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise InvalidInput(f"expected a {what} id (a UUID) or its first {ID_PREFIX_MIN} to 32 hex digits; "
+                           f"got {text[:40]!r}", loc)
+    return digits
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(job_id: uuid.UUID) -> HTMLResponse:
-    return _page("job", f"job {str(job_id)[:8]}", {"job_id": str(job_id)})
+def job_page(job_id: str) -> HTMLResponse:
+    ref = _id_or_prefix(job_id, "job", ("path", "job_id"))
+    return _page("job", f"job {ref[:8]}", {"job_id": ref})
 
 
 @router.get("/sweeps/{sweep_id}", response_class=HTMLResponse)
-def sweep_page(sweep_id: uuid.UUID) -> HTMLResponse:
-    return _page("sweep", f"sweep {str(sweep_id)[:8]}", {"sweep_id": str(sweep_id)})
+def sweep_page(sweep_id: str) -> HTMLResponse:
+    ref = _id_or_prefix(sweep_id, "sweep", ("path", "sweep_id"))
+    return _page("sweep", f"sweep {ref[:8]}", {"sweep_id": ref})
 
 
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(jobs: Annotated[list[str], Query(description="job ids, comma-separated and/or repeated")]
-                 ) -> HTMLResponse:
+def compare_page(jobs: Annotated[list[str], Query(description="job ids or unique prefixes, comma-separated "
+                                                              "and/or repeated")]) -> HTMLResponse:
     ids: list[str] = []
     for part in ",".join(jobs).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            ids.append(str(uuid.UUID(part)))
-        except ValueError:
-            raise InvalidInput(f"jobs must be job ids (UUIDs), comma-separated; got {part[:40]!r}",
-                               ("query", "jobs")) from None
+        if part.strip():
+            ids.append(_id_or_prefix(part, "job", ("query", "jobs")))
     ids = list(dict.fromkeys(ids))
     if not 1 <= len(ids) <= MAX_COMPARE:
         raise InvalidInput(f"jobs must name 1 to {MAX_COMPARE} jobs, got {len(ids)}", ("query", "jobs"))

@@ -1,9 +1,8 @@
 """/api/v1/jobs: submit, list, read, cancel, retry; metrics and artifacts of a job."""
 from __future__ import annotations
 
-import logging
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Header, Query, Response, status
@@ -13,31 +12,24 @@ from pydantic import StringConstraints
 from api.deps import CeleryDep, PrincipalDep, SettingsDep
 from api.schemas import ArtifactPublic, ErrorPublic, JobCreate, JobPage, JobPublic, MetricsPublic
 from jobs import store
+from jobs.dispatch import JobDispatch, dispatch
 from jobs.errors import NotFound
-from jobs.queue import enqueue_job
 from jobs.specs import TAG_PATTERN, TEXT_PATTERN
+from jobs.vocabulary import JobKind, JobStatus
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
-log = logging.getLogger("api.jobs")
 
 MetricName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=TEXT_PATTERN)]
-_ERRORS = {403: {"model": ErrorPublic}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic}, 503: {"model": ErrorPublic}}
-
-
-def send_job(celery: CeleryDep, job: store.JobRecord) -> None:
-    """Enqueue a committed job. A broker failure is logged and recorded, not raised: the job is stored
-    (the client gets its id) and the workers' reaper re-sends jobs marked not enqueued."""
-    try:
-        enqueue_job(celery, job.id, job.queue, job.priority)  # type: ignore[arg-type]
-    except Exception:  # noqa: BLE001
-        log.warning("job %s stored but not enqueued (broker unavailable); the reaper will re-send it",
-                    job.id, exc_info=True)
-        store.mark_not_enqueued([job.id])
+ID_PREFIX_HELP = ("only ids starting with these hex digits (4 to 32; dashes ignored): how a short id, as the "
+                  "dashboard and CLI show them, is resolved (one match: that one; two: ambiguous)")
+_ERRORS = {403: {"model": ErrorPublic}, 404: {"model": ErrorPublic}, 409: {"model": ErrorPublic},
+           429: {"model": ErrorPublic, "description": "over a per-owner quota (the message names it)"},
+           503: {"model": ErrorPublic}}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
              responses={**_ERRORS, 200: {"model": JobPublic, "description": "Idempotent replay: the existing job"}},
-             summary="Submit a job (201; 200 with the existing job for a repeated Idempotency-Key)")
+             summary="Submit a job (201; 200 with the existing job for the caller's repeated Idempotency-Key)")
 def create_job(
     spec: Annotated[JobCreate, Body()],
     response: Response,
@@ -45,9 +37,10 @@ def create_job(
     principal: PrincipalDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)] = None,
 ) -> store.JobRecord:
-    job, created = store.create_job(spec, idempotency_key=idempotency_key, owner=principal.name)
+    job, created = store.create_job(spec, idempotency_key=idempotency_key, owner=principal.name,
+                                    enforce_quota=not principal.admin)
     if created:
-        send_job(celery, job)
+        dispatch(celery, [JobDispatch.of(job)])  # a broker failure is recorded, not raised
     else:
         response.status_code = status.HTTP_200_OK
         response.headers["Idempotent-Replayed"] = "true"
@@ -56,18 +49,18 @@ def create_job(
 
 @router.get("", response_model=JobPage)
 def list_jobs(
-    status_: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
-                       Query(alias="status")] = None,
-    kind: Literal["approx", "learn", "train"] | None = None,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    kind: JobKind | None = None,
     sweep: uuid.UUID | None = None,
     tag: Annotated[str | None, Query(max_length=64, pattern=TAG_PATTERN)] = None,
     owner: Annotated[str | None, Query(max_length=128, pattern=TEXT_PATTERN)] = None,
+    id_prefix: Annotated[str | None, Query(max_length=36, description=ID_PREFIX_HELP)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> store.JobPage:
     """Newest first. Keyset pagination: follow `next_cursor` until it is null."""
-    return store.list_jobs(status=status_, kind=kind, sweep_id=sweep, tag=tag, owner=owner, limit=limit,
-                           cursor=cursor)
+    return store.list_jobs(status=status_, kind=kind, sweep_id=sweep, tag=tag, owner=owner, id_prefix=id_prefix,
+                           limit=limit, cursor=cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS)
@@ -85,7 +78,7 @@ def cancel_job(job_id: uuid.UUID, principal: PrincipalDep) -> store.JobRecord:
 def retry_job(job_id: uuid.UUID, celery: CeleryDep, principal: PrincipalDep) -> store.JobRecord:
     """A failed or cancelled job goes back to the queue on the same id (attempts reset)."""
     job = store.retry_job(job_id, actor=principal.name, admin=principal.admin)
-    send_job(celery, job)
+    dispatch(celery, [JobDispatch.of(job)])
     return job
 
 

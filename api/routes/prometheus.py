@@ -34,9 +34,9 @@ from prometheus_client.utils import floatToGoString
 
 from api.deps import PrincipalDep
 from jobs import stats
-from jobs.models import PRIORITIES, QUEUES
 from jobs.queue import queue_name
 from jobs.settings import Settings, get_settings
+from jobs.vocabulary import PRIORITIES, QUEUES
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         fam = self._families()
         by_name = {f.name: f for f in fam}
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         try:
             snap = stats.service_stats(url=self.settings.database_url)
         except Exception as exc:  # noqa: BLE001 - reported as lowrank_database_up 0, and logged
@@ -172,7 +172,7 @@ def metrics_registry(app_state: object, settings: Settings | None = None) -> Col
                 registry.register(ServiceCollector(settings or get_settings()))
                 registry.register(ThreadPoolCollector(app_state))
                 ProcessCollector(registry=registry)
-                setattr(app_state, "prometheus_registry", registry)
+                app_state.prometheus_registry = registry
     return registry
 
 

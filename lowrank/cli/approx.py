@@ -14,16 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.names import APPROX_METHODS as METHODS  # core.approx.METHODS, without torch
 from lowrank.cli._common import CliError, parse_int_list, parse_str_list, print_json
 
-METHODS = ("spectral", "rescale", "nkp", "random", "reference")  # mirrors core.approx.METHODS (no torch import here)
 DEFAULT_METHODS = "spectral,rescale,nkp"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "approx",
-        help="low-rank approximation of a layer's function (spectral / rescale / nkp / random / reference)",
+        help=f"low-rank approximation of a layer's function ({' / '.join(METHODS)})",
         description="Approximate a weight matrix W (m x d) at several ranks; prints the normalized "
                     "function error L(UV)/L(0) of each method (MATH.md Sections 1-5).",
     )

@@ -1,9 +1,11 @@
 """`lowrank factorize`: factorize a registered model with one or more init methods and compare them.
 
-    lowrank factorize --model resnet50 --rank-ratio 0.25 --methods spectral,nkp [--json]
+    lowrank factorize --model resnet50 --rank-ratio 0.25 --methods spectral,nkp [--latency-aware] [--json]
 
 Per layer: rank, parameters dense/factored and the normalized function error of each method
-(MATH.md Section 2). Every method starts from the same seeded fresh init of each layer.
+(MATH.md Section 2). Every method starts from the same seeded fresh init of each layer. With
+--latency-aware a layer stays dense when its factored form is not measured faster (core/latency.py)
+at --batch images of --image-size px on --device; the same layers for every method.
 """
 from __future__ import annotations
 
@@ -12,11 +14,9 @@ import sys
 import time
 from typing import Any
 
-from lowrank.cli._common import CliError, parse_str_list, print_json
-
-MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101",
-               "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3")
-METHOD_NAMES = ("spectral", "rescale", "nkp", "random")
+from core.names import INIT_METHODS as METHOD_NAMES  # torch-free
+from core.names import MODELS as MODEL_NAMES
+from lowrank.cli._common import CliError, check_model_and_rank, parse_str_list, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,19 +32,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--small-input", action="store_true", help="3x3 stride-1 stem (32 px images)")
     p.add_argument("--include", help="comma-separated dotted layer names to factor (default: all but stem/classifier)")
     p.add_argument("--exclude", help="comma-separated dotted layer names to keep dense")
+    p.add_argument("--latency-aware", action="store_true",
+                   help="keep dense every layer whose factored form is not measured faster")
+    p.add_argument("--image-size", type=int, default=224, help="--latency-aware: input images of this many px")
+    p.add_argument("--batch", type=int, default=1, help="--latency-aware: the batch size layers are timed at")
+    p.add_argument("--device", default="cpu", help="--latency-aware: where layers are timed (cpu, cuda, cuda:N)")
+    p.add_argument("--threads", type=int, help="--latency-aware: CPU threads while timing (default: torch's count)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(handler=run)
 
 
 def _validate(args: argparse.Namespace) -> list[str]:
-    if args.model not in MODEL_NAMES:
-        raise CliError(f"--model must be one of {', '.join(MODEL_NAMES)}, got {args.model!r}")
-    if args.rank is not None and args.rank < 1:
-        raise CliError(f"--rank must be an integer >= 1, got {args.rank}")
-    if args.rank_ratio is not None and not 0 < args.rank_ratio <= 1:
-        raise CliError(f"--rank-ratio must be in (0, 1], got {args.rank_ratio}")
+    check_model_and_rank(args, MODEL_NAMES)
     if args.num_classes < 1:
         raise CliError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.image_size < 8:
+        raise CliError(f"--image-size must be an integer >= 8, got {args.image_size}")
+    if args.batch < 1:
+        raise CliError(f"--batch must be an integer >= 1, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads must be an integer >= 1, got {args.threads}")
+    if args.device != "cpu" and not (args.device == "cuda" or (args.device.startswith("cuda:") and args.device[5:].isdigit())):
+        raise CliError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     methods = parse_str_list(args.methods)
     bad = [m for m in methods if m not in METHOD_NAMES]
     if not methods or bad:
@@ -54,8 +63,10 @@ def _validate(args: argparse.Namespace) -> list[str]:
 
 def compare_methods(model: str, methods: list[str], *, rank: int | None, rank_ratio: float | None,
                     seed: int = 0, num_classes: int = 10, small_input: bool = False,
-                    include: list[str] | None = None, exclude: list[str] | None = None) -> dict[str, Any]:
-    """Factorize `model` once per method; rows merged by layer with `error` a dict method -> error."""
+                    include: list[str] | None = None, exclude: list[str] | None = None,
+                    latency: Any = None) -> dict[str, Any]:
+    """Factorize `model` once per method; rows merged by layer with `error` a dict method -> error.
+    latency: a core.latency.LatencyPolicy shared by the methods (it times each layer once)."""
     import torch
 
     from core.factorize import factorize_model
@@ -63,24 +74,31 @@ def compare_methods(model: str, methods: list[str], *, rank: int | None, rank_ra
 
     rows: dict[str, dict[str, Any]] = {}
     totals: dict[str, Any] = {"time_s": {}, "mean_error": {}}
+    if latency is not None:  # time the layers once, apart from the methods' times (the policy caches its verdicts)
+        t0 = time.perf_counter()
+        factorize_model(build_model(model, num_classes=num_classes, small_input=small_input), rank=rank,
+                        rank_ratio=rank_ratio, method="random", seed=seed, include=include, exclude=exclude,
+                        compare_spectral=False, compute_init=False, latency=latency)
+        totals["latency_time_s"] = time.perf_counter() - t0
     for method in methods:
         torch.manual_seed(seed)
         net = build_model(model, num_classes=num_classes, small_input=small_input)
         t0 = time.perf_counter()
         report = factorize_model(net, rank=rank, rank_ratio=rank_ratio, method=method, seed=seed,
-                                 include=include, exclude=exclude, compare_spectral=False)
+                                 include=include, exclude=exclude, compare_spectral=False, latency=latency)
         totals["time_s"][method] = time.perf_counter() - t0
         totals["mean_error"][method] = report.totals["mean_error"]
-        for key in ("layers", "layers_factored", "params_dense", "params_factored", "param_ratio"):
+        for key in ("layers", "layers_factored", "layers_kept_dense", "params_dense", "params_factored", "param_ratio"):
             totals[key] = report.totals[key]
         for row in report.layers:
             entry = rows.setdefault(row.layer, {
                 "layer": row.layer, "kind": row.kind, "shape": row.shape, "rank": row.rank,
                 "status": row.status, "reason": row.reason, "params_dense": row.params_dense,
-                "params_factored": row.params_factored, "error": {}})
+                "params_factored": row.params_factored, "dense_ms": row.dense_ms, "factored_ms": row.factored_ms,
+                "error": {}})
             entry["error"][method] = row.error
     return {"model": model, "rank": rank, "rank_ratio": rank_ratio, "seed": seed, "methods": methods,
-            "layers": list(rows.values()), "totals": totals}
+            "latency": report.latency, "layers": list(rows.values()), "totals": totals}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,10 +107,19 @@ def run(args: argparse.Namespace) -> int:
     exclude = parse_str_list(args.exclude) if args.exclude else None
     from core.factorize import FactorizeError
 
+    policy = None
+    if args.latency_aware:
+        import torch
+
+        from core.latency import LatencyPolicy
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CliError(f"--device {args.device}: CUDA is not available on this machine")
+        policy = LatencyPolicy(image_size=args.image_size, batch=args.batch, device=args.device, threads=args.threads)
     try:
         result = compare_methods(args.model, methods, rank=args.rank, rank_ratio=args.rank_ratio,
                                  seed=args.seed, num_classes=args.num_classes, small_input=args.small_input,
-                                 include=include, exclude=exclude)
+                                 include=include, exclude=exclude, latency=policy)
     except FactorizeError as exc:
         raise CliError(str(exc)) from None
     if args.json:
@@ -122,6 +149,13 @@ def _print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"{t['layers_factored']} of {t['layers']} layers factored; parameters "
                   f"{t['params_dense']:,} -> {t['params_factored']:,} ({t['param_ratio']:.3f}x)")
+    if result["latency"] is not None:
+        lat = result["latency"]
+        kept = [r for r in result["layers"] if r["status"] == "kept_dense"]
+        console.print(f"latency-aware ({lat['device']}, batch {lat['batch']}, {lat['image_size']} px, "
+                      f"{lat['threads']} thread(s), timed in {t['latency_time_s']:.1f} s): {len(kept)} layer(s) kept dense")
+        for r in kept:
+            console.print(f"  {r['layer']}: {r['reason']}")
     for m in methods:
         err = t["mean_error"][m]
         console.print(f"  {m}: mean error {err:.4f}, {t['time_s'][m]:.2f} s" if err is not None

@@ -69,8 +69,6 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="GPUs per worker process (default 1); N > 1 serves multi-GPU train jobs "
                         "(spec devices: N, queues gpuN)")
     p.add_argument("--concurrency", type=int, default=1, help="jobs each worker process runs at once (default 1)")
-    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
-                   help="Celery pool (default prefork; time limits need prefork)")
     p.add_argument("--loglevel", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--hostname", default=None, help="host part of the node names (default: this host)")
     p.add_argument("--dry-run", action="store_true", help="print the planned processes and exit")
@@ -109,7 +107,7 @@ def check_database_at_head() -> None:
     url = get_settings().database_url
     try:
         current, head = migrate.current_revision(), migrate.head_revision()
-    except Exception as exc:  # a down server is the user's to fix: say which URL
+    except Exception as exc:  # noqa: BLE001 - a down server is the user's to fix: say which URL
         raise CliError(f"cannot read the schema revision of {_redact(url)}: {type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     if current != head:
@@ -173,8 +171,7 @@ def plan_from_args(args: argparse.Namespace) -> list:
         default = ("gpu" if k == 1 else f"gpu{k}") if gpus is not None else "cpu,gpu"
         devices = parse_queues(args.queues or default)
         return plan_workers(queues=celery_queue_names(devices), gpus=gpus, gpus_per_worker=k,
-                            concurrency=args.concurrency,
-                            pool=args.pool, loglevel=args.loglevel, hostname=args.hostname)
+                            concurrency=args.concurrency, loglevel=args.loglevel, hostname=args.hostname)
     except LaunchError as exc:
         raise CliError(str(exc)) from None
 
@@ -240,16 +237,9 @@ def _check_port_free(host: str, port: int) -> None:
 # --------------------------------------------------------------------------- demo
 
 
-def demo_specs(tag: str) -> list[dict[str, Any]]:
-    """The demo's jobs: ranks x methods on one gaussian matrix, as individual approx specs."""
-    m, d = DEMO_SHAPE
-    return [{"kind": "approx", "weights": {"source": "gaussian", "m": m, "d": d}, "rank": r,
-             "method": meth, "seed": 0, "name": f"demo {meth} r={r}", "tags": ["demo", tag]}
-            for meth in DEMO_METHODS for r in DEMO_RANKS]
-
-
 def demo_sweep(tag: str) -> dict[str, Any]:
-    """The same grid as one POST /api/v1/sweeps body (base spec x grid of dotted paths x seeds)."""
+    """The demo's grid, ranks x methods on one gaussian matrix, as one POST /api/v1/sweeps body (base spec x
+    grid of dotted paths x seeds)."""
     m, d = DEMO_SHAPE
     return {"name": "demo rank sweep",
             "base": {"kind": "approx", "weights": {"source": "gaussian", "m": m, "d": d},
@@ -257,28 +247,11 @@ def demo_sweep(tag: str) -> dict[str, Any]:
             "grid": {"rank": list(DEMO_RANKS), "method": list(DEMO_METHODS)}, "seeds": [0]}
 
 
-def sweeps_supported(openapi: dict[str, Any]) -> bool:
-    """True when the server has POST /api/v1/sweeps taking a body with `base` and `grid`."""
-    post = openapi.get("paths", {}).get("/api/v1/sweeps", {}).get("post")
-    if not post:
-        return False
-    schema = post.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
-    ref = schema.get("$ref", "")
-    if ref.startswith("#/components/schemas/"):
-        schema = openapi.get("components", {}).get("schemas", {}).get(ref.rsplit("/", 1)[1], {})
-    return {"base", "grid"} <= set(schema.get("properties", {}))
-
-
-def submit_demo(client, tag: str, *, use_sweeps: bool) -> tuple[dict[str, Any], str | None]:
-    """Submit the demo grid; returns (GET /api/v1/jobs query selecting its jobs, sweep id or None)."""
-    if use_sweeps:
-        r = client.post("/api/v1/sweeps", json=demo_sweep(tag))
-        _raise_for(r, "POST /api/v1/sweeps")
-        sweep_id = str(r.json()["id"])
-        return {"sweep": sweep_id}, sweep_id
-    for spec in demo_specs(tag):
-        _raise_for(client.post("/api/v1/jobs", json=spec), "POST /api/v1/jobs")
-    return {"tag": tag}, None
+def submit_demo(client, tag: str) -> str:
+    """Submit the demo grid as one sweep; returns its id."""
+    r = client.post("/api/v1/sweeps", json=demo_sweep(tag))
+    _raise_for(r, "POST /api/v1/sweeps")
+    return str(r.json()["id"])
 
 
 def _raise_for(r, what: str) -> None:
@@ -367,19 +340,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         with httpx.Client(base_url=base, timeout=30.0, headers=headers) as client:
             _wait_ready(client, up, timeout=120.0, log_path=log_path)
-            use_sweeps = sweeps_supported(client.get("/openapi.json").json())
             tag = f"demo-{secrets.token_hex(3)}"
             t0 = time.monotonic()
-            query, sweep_id = submit_demo(client, tag, use_sweeps=use_sweeps)
+            sweep_id = submit_demo(client, tag)
             n = len(DEMO_RANKS) * len(DEMO_METHODS)
             console.print(f"submitted {n} approximation jobs: ranks {', '.join(map(str, DEMO_RANKS))} x "
-                          f"{', '.join(DEMO_METHODS)} ({'sweep ' + sweep_id if sweep_id else 'tag ' + tag})")
+                          f"{', '.join(DEMO_METHODS)} (sweep {sweep_id})")
             with console.status("running") as status:
-                jobs = wait_for_jobs(client, query, n, args.timeout,
+                jobs = wait_for_jobs(client, {"sweep": sweep_id}, n, args.timeout,
                                      on_update=lambda k, t: status.update(f"{k}/{t} jobs finished"))
             console.print(results_table(jobs))
             console.print(f"{len(jobs)} jobs finished in {time.monotonic() - t0:.1f} s")
-            console.print(f"dashboard: {base}/" + (f"  (this sweep: {base}/sweeps/{sweep_id})" if sweep_id else ""))
+            console.print(f"dashboard: {base}/  (this sweep: {base}/sweeps/{sweep_id})")
             console.print(f"API docs:  {base}/docs")
         if args.no_serve:
             return stop_up()

@@ -33,14 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(handler=cmd_revoke)
 
 
-def _call(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - domain and database errors become one line
+def _call(fn, *args, **kwargs):
     from jobs.errors import DomainError
 
     try:
         return fn(*args, **kwargs)
     except DomainError as exc:
         raise CliError(exc.message) from None
-    except Exception as exc:  # noqa: BLE001 - a down or unmigrated database is the user's to fix
+    except Exception as exc:
         from sqlalchemy.exc import SQLAlchemyError
 
         if isinstance(exc, SQLAlchemyError):
@@ -50,7 +50,7 @@ def _call(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - domain and database er
         raise
 
 
-def _record(rec) -> dict:  # noqa: ANN001
+def _record(rec) -> dict:
     return {"id": rec.id, "name": rec.name, "admin": rec.admin, "created_at": rec.created_at,
             "last_used_at": rec.last_used_at, "revoked_at": rec.revoked_at}
 
@@ -68,7 +68,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _when(value) -> str:  # noqa: ANN001
+def _when(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 

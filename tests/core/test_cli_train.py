@@ -93,17 +93,21 @@ def test_train_json_then_resume_mismatch(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be in [1, 65536], got 0"),
     (["--lr", "fast"], "--lr must be a number, got 'fast'"),
     (["--amp", "bf16"], "amp='bf16' needs a CUDA device"),
-    (["--init", "svd", "--rank", "4"], "init must be one of spectral, rescale, nkp, random"),
+    (["--init", "svd", "--rank", "4"], "init must be one of spectral, rescale, nkp, random, dense"),
     (["--dataset", "cifar10", "--data-root", "/nonexistent/data"], "cifar10: not found at /nonexistent/data"),
     (["--resume"], "--resume needs --checkpoint-dir"),
     (["--include", "layer9", "--rank", "4"], "include: no Conv2d/Linear layer named 'layer9'"),
+    (["--rank", "1000"], "rank 1000 factorizes no layer of resnet18"),
+    (["--rank-ratio", "0.9", "--include", "layer1"], "rank_ratio 0.9 factorizes no layer of the included layers"),
+    ([], "init='nkp' factorizes the model: give exactly one of rank or rank_ratio"),
 ])
 def test_train_bad_input_exits_2_with_one_line(capsys, argv, message):
     base = TINY[:2] if "--dataset" in argv else TINY
-    rc, out, err = run_cli(capsys, "train", *base, "--epochs", "1", *argv)
+    dense = [] if {"--rank", "--rank-ratio", "--init"} & set(argv) or not argv else ["--init", "dense"]
+    rc, out, err = run_cli(capsys, "train", *base, "--epochs", "1", *dense, *argv)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and message in err, err
 
@@ -125,3 +129,19 @@ def test_console_script_and_light_imports(tmp_path):
     code = "import sys, lowrank.cli; lowrank.cli.build_parser(); print('torch' in sys.modules)"
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_train_that_diverges_exits_1_with_one_line_saying_what_to_change(capsys):
+    rc, out, err = run_cli(capsys, "train", *TINY, "--rank", "4", "--include", "layer1", "--lr", "100",
+                           "--epochs", "2", "--json")
+    assert rc == 1 and out == ""
+    last = err.splitlines()[-1]
+    assert last.startswith("error: diverged at ") and last.endswith("lower lr (now 100) or warm up longer "
+                                                                   "(warmup_epochs now 0.5)"), err
+
+
+def test_train_prints_the_chance_level_warning(capsys):
+    rc, out, err = run_cli(capsys, "train", *TINY, "--init", "dense", "--lr", "1e-6", "--epochs", "1",
+                           "--synthetic-val-size", "256", "--warmup-epochs", "0")
+    assert rc == 0, err
+    assert out.splitlines()[-1].startswith("warning: val_top1 0.") and "is at chance level: 10 classes" in out

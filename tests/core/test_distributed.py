@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.train import TrainCallbacks, TrainingCancelled, train
+from core.train import TrainCallbacks, TrainingCancelled, TrainingDiverged, train
 
 
 def ddp_config(**overrides) -> dict:
@@ -48,11 +48,23 @@ def test_two_gloo_processes_train_in_sync(tmp_path):
 
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    model = build_model("resnet18", num_classes=10)
+    model = build_model("resnet18", num_classes=10, small_input=ckpt["config"]["small_input"])  # auto: 16 px
     factorize_model(model, rank_ratio=0.25, method="spectral", include=["layer3", "layer4"], compute_init=False)
     model.load_state_dict(ckpt["model"])
     assert weights_fingerprint(model) == fingerprints[0]
     assert list(tmp_path.iterdir()) == [tmp_path / "last.pt"]  # nothing from rank 1
+
+
+def test_latency_aware_ranks_build_rank_zeros_structure(tmp_path):
+    """latency_aware under DDP: rank 0 times the layers, the other rank takes its verdicts (a rank that
+    decided on its own could build another structure: DDP would fail or train different models)."""
+    cfg = ddp_config(include=["layer4.0.conv2", "fc"], rank_ratio=0.1, epochs=1, latency_aware=True)
+    summary = train(cfg, checkpoint_dir=tmp_path)
+    rows = {r["layer"]: r for r in summary["init_report"]}
+    assert rows["layer4.0.conv2"]["status"] == "factored" and rows["fc"]["status"] == "kept_dense", rows
+    assert summary["ranks_in_sync"] and summary["latency_policy"]["batch"] == 1
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert "fc.weight" in ckpt["model"] and "layer4.0.conv2.weight" not in ckpt["model"]
 
 
 def test_cancel_reaches_every_rank_and_bad_config_is_a_value_error(tmp_path):
@@ -68,3 +80,24 @@ def test_cancel_reaches_every_rank_and_bad_config_is_a_value_error(tmp_path):
     # a batch too large for the data is found inside the ranks and comes back as the same ValueError
     with pytest.raises(ValueError, match="batch_size: 40 x 2 process"):
         train(ddp_config(batch_size=40))
+
+
+def test_divergence_stops_every_rank_with_rank_0s_message(tmp_path):
+    """lr 100: rank 0 sees a NaN loss (a step's, or the all-reduced val loss); its verdict is broadcast, every rank stops at that step (none hangs
+    in a collective) and the caller gets rank 0's message as TrainingDiverged."""
+    with pytest.raises(TrainingDiverged, match=r"^diverged at (epoch 1 step \d: loss|the end of epoch 1: val_loss) nan "
+                                               r"\(started at [\d.]+\); lower lr \(now 100\)"):
+        train(ddp_config(lr=100.0), checkpoint_dir=tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_trainer_and_launcher_import_no_cycle():
+    """core.train and core.distributed share core.run_context; the launcher loads without the trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, core.distributed; print('core.train' in sys.modules); "
+            "import core.train, core.run_context as rc; print(core.train.TrainingCancelled is rc.TrainingCancelled)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]

@@ -61,7 +61,7 @@ def test_special_rows_zero_anti_aligned_orthogonal_scaled():
     a = torch.tensor([[3.0, 4.0, 0.0]], dtype=torch.float64)  # |a| = 5
     b_orth = torch.tensor([[0.0, 0.0, 2.0]], dtype=torch.float64)
     zero = torch.zeros(1, 3, dtype=torch.float64)
-    f = lambda x, y: function_error(x, y, per_row=True, normalized=False).item()  # noqa: E731
+    f = lambda x, y: function_error(x, y, per_row=True, normalized=False).item()  # noqa: E731 - a one-line alias reads best here
     assert f(a, zero) == pytest.approx(25 / 2, rel=1e-15)  # l(a, 0) = |a|^2/2
     assert f(zero, a) == pytest.approx(25 / 2, rel=1e-15)
     assert f(zero, zero) == 0.0

@@ -68,6 +68,32 @@ def test_low_rank_layer_applies_u_times_v():
     assert Uv.data_ptr() == layer.u.weight.data_ptr() and Vv.data_ptr() == layer.v.weight.data_ptr()
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_gradients_of_u_and_v_are_the_chain_rule_through_w(kind):
+    """L(U V): dL/dU = G V^T and dL/dV = U^T G, G = dL/dW of the dense layer with W = U V. A factor
+    detached from the graph (in forward) gets no gradient; one used twice or transposed a wrong one."""
+    torch.manual_seed(4)
+    if kind == "conv":
+        dense = nn.Conv2d(5, 7, 3, padding=1, stride=2)
+        x = torch.randn(3, 5, 9, 9)
+    else:
+        dense = nn.Linear(10, 6)
+        x = torch.randn(4, 10)
+    U, V = torch.randn(dense.weight.shape[0], 3), torch.randn(3, dense.weight[0].numel())
+    layer = (FactoredConv2d.from_conv(dense, U, V) if kind == "conv" else FactoredLinear.from_linear(dense, U, V))
+    with torch.no_grad():
+        dense.weight.copy_((U @ V).reshape(dense.weight.shape))
+    target = torch.randn_like(dense(x))
+    ((dense(x) - target) ** 2).sum().backward()
+    ((layer(x) - target) ** 2).sum().backward()
+    G = dense.weight.grad.reshape(U.shape[0], -1)
+    Ug, Vg = layer.u.weight.grad, layer.v.weight.grad
+    assert Ug is not None and Vg is not None
+    torch.testing.assert_close(Ug.reshape(U.shape), G @ V.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(Vg.reshape(V.shape), U.T @ G, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.u.bias.grad, dense.bias.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_frobenius_penalty_and_its_gradient():
     torch.manual_seed(3)
     model = nn.Sequential(FactoredConv2d(3, 8, 3, 2), nn.ReLU(), nn.Flatten(), FactoredLinear(8, 4, 3))

@@ -8,6 +8,7 @@ import torch
 
 from core.approx import METHODS, Approximation, approximate, function_error
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny matrices: with several processes sharing few cores, OpenMP thread hand-offs cost more
@@ -137,16 +138,6 @@ def test_restarts_never_hurt():
         assert multi.info["starts"] == ["spectral", "random1", "random2", "random3"]
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_nkp_within_one_percent_of_reference(seed):
-    W = torch.randn(24, 8, generator=_gen(300 + seed), dtype=torch.float64)
-    for r in (1, 2, 4):
-        nkp = approximate(W, r, "nkp")
-        ref = approximate(W, r, "reference", max_iter=200)
-        assert ref.error <= nkp.error * (1 + SLACK)  # it starts from the better of nkp and spectral
-        assert nkp.error <= 1.01 * ref.error, (r, nkp.error, ref.error)
-
-
 def test_spectral_is_truncated_svd_with_balanced_factors():
     W = torch.randn(15, 9, generator=_gen(9), dtype=torch.float64)
     A, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -199,7 +190,8 @@ def test_result_contract_and_dtypes():
         assert isinstance(a, Approximation)
         assert a.U.shape == (20, 3) and a.V.shape == (3, 8)
         assert a.U.dtype == torch.float32 and a.V.dtype == torch.float32
-        assert a.method == method and a.rank == 3 and a.time_s >= 0 and a.iterations >= 0
+        assert a.method == method and a.rank == 3 and a.time_s > 0
+        assert (a.iterations >= 1) if method in ("nkp", "reference") else (a.iterations == 0), (method, a.iterations)
         assert a.error == pytest.approx(function_error(W, (a.U, a.V)), rel=1e-12)
         import json
 

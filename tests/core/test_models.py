@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.factorize import factorize_model
-from core.layers import FactoredConv2d
+from core.factorize import candidate_layers, factorize_model
+from core.layers import FactoredConv2d, FactoredLinear, factored_modules
 from core.models import MODELS, build_model, count_macs, count_params, layer_weight_matrix
 from core.surgery import get_module
 
@@ -64,13 +64,47 @@ def test_factorized_model_trains_a_step(name, method, ratio, include):
         assert math.isfinite(row.error)
         # spectral and nkp never do worse than the zero matrix (error 1); random's scale is its own
         assert 0.0 <= row.error <= (1.0 + 1e-9 if method != "random" else float("inf"))
+    assert_every_parameter_learns(model, num_classes=7)
+
+
+def assert_every_parameter_learns(model: nn.Module, num_classes: int, batch: int = 8) -> None:
+    """One training step on (batch, 3, 32, 32) noise: every parameter gets a finite gradient (never
+    None), U and V of every factored layer a nonzero one, and one SGD step changes every U and V.
+
+    batch 8: EfficientNet's stochastic depth (train mode) drops a block for a whole batch of 8 with
+    probability <= 0.2^8, so no block's factors get an all-zero gradient by chance.
+    """
+    factors = {f"{name}.{half}": getattr(module, half).weight
+               for name, module in factored_modules(model) for half in ("u", "v")}
+    assert factors, "no factored layer"
     model.train()
-    x = torch.randn(2, 3, 32, 32)
-    out = model(x)
-    assert out.shape == (2, 7) and torch.isfinite(out).all()
-    nn.functional.cross_entropy(out, torch.tensor([1, 5])).backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is None or torch.isfinite(p.grad).all(), pname
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad(set_to_none=True)
+    before = {name: w.detach().clone() for name, w in factors.items()}
+    out = model(torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert out.shape == (batch, num_classes) and torch.isfinite(out).all()
+    nn.functional.cross_entropy(out, torch.arange(batch) % num_classes).backward()
+    params = dict(model.named_parameters())
+    assert [n for n, p in params.items() if p.grad is None] == []
+    assert [n for n, p in params.items() if not torch.isfinite(p.grad).all()] == []
+    assert [n for n, w in factors.items() if not w.grad.abs().max() > 0] == []
+    opt.step()
+    assert [n for n, w in factors.items() if torch.equal(w.detach(), before[n])] == []
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_factor_of_every_architecture_gets_a_gradient_and_moves(name):
+    """Every Conv2d/Linear that can be factored is (stem and classifier too, so FactoredLinear is in
+    the graph): a factor cut off the graph (a detached U or V) gets no gradient and fails here."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5)
+    names = [n for n, mod in candidate_layers(model) if getattr(mod, "groups", 1) == 1]
+    report = factorize_model(model, rank_ratio=0.25, method="random", include=names, always_factor=True,
+                             compare_spectral=False)
+    assert len(report.factored()) == len(names)
+    kinds = {type(mod) for _, mod in factored_modules(model)}
+    assert kinds == {FactoredConv2d, FactoredLinear}
+    assert_every_parameter_learns(model, num_classes=5)
 
 
 @pytest.mark.parametrize("name, layer, rank, params", [
@@ -138,4 +172,4 @@ def test_registry_errors_and_layer_matrix():
 def test_cli_model_names_match_the_registry():
     from lowrank.cli.factorize import MODEL_NAMES
 
-    assert MODEL_NAMES == tuple(MODELS)
+    assert tuple(MODELS) == MODEL_NAMES

@@ -24,11 +24,11 @@ APPROX = {"kind": "approx", "weights": {"source": "gaussian", "m": 8, "d": 4}, "
 
 
 @pytest.fixture
-def sqlite_settings(tmp_path: Path):  # noqa: ANN201
+def sqlite_settings(tmp_path: Path):
     settings = Settings(home=tmp_path / "home", database_url=f"sqlite:///{tmp_path / 'lowrank.db'}",
                         broker_url="filesystem://", queue_prefix="emb.")
     migrate.upgrade(settings.database_url)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     with session_scope(settings.database_url) as session:
         for status, start, finish, extra in [
             ("succeeded", 100.0, 98.0, {}),  # 2 s

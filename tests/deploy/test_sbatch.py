@@ -58,8 +58,9 @@ def test_bash_syntax() -> None:
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
-def test_shellcheck_clean() -> None:
+def test_shellcheck_clean(unavailable) -> None:
+    if shutil.which("shellcheck") is None:
+        unavailable("shellcheck is not installed (`make tools`, or apt-get install shellcheck)")
     r = subprocess.run(["shellcheck", "--shell=bash", "--severity=style", str(SBATCH)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -78,7 +79,7 @@ def test_sbatch_directives() -> None:
     # The trap forwards TERM; the comments explain why a running job is not lost.
     text = SBATCH.read_text()
     assert re.search(r"^trap on_term TERM$", text, flags=re.M)
-    for phrase in ("acks_late", "reject_on_worker_lost", "checkpoint", "warm shutdown", "cold shutdown"):
+    for phrase in ("acks_late", "re-queues the job at once", "checkpoint", "warm shutdown", "cold shutdown"):
         assert phrase in text, phrase
 
 
@@ -138,7 +139,8 @@ def planned(stdout: str) -> list[dict[str, str]]:
         env = dict(re.findall(r"(\w+)=(\S+)", rest.split(" -m celery ")[0]))
         queues = re.search(r" -Q (\S+)", rest).group(1)
         rows.append({"node": node, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", ""),
-                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", ""), "queues": queues})
+                     "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", ""), "queues": queues,
+                     "concurrency": re.search(r" -c (\d+)", rest).group(1)})
     return rows
 
 
@@ -181,6 +183,54 @@ def test_multi_gpu_workers_group_the_allocation(tmp_path: Path) -> None:
                                 LOWRANK_GPUS_PER_WORKER="3"))
     assert bad.returncode == 2
     assert "LOWRANK_GPUS_PER_WORKER='3' must be 1..8 and divide the 4 allocated GPUs" in bad.stderr
+
+
+def test_worker_queues_option_routes_other_queues_to_the_gpu_workers(tmp_path: Path) -> None:
+    env = sbatch_env(tmp_path, LOWRANK_WORKER_ARGS="--dry-run", LOWRANK_QUEUE_PREFIX="lab.",
+                     SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="0,1", LOWRANK_WORKER_QUEUES="gpu,cpu")
+    r = run_sbatch(env)
+    assert r.returncode == 0, r.stderr
+    rows = planned(r.stdout)
+    assert [row["CUDA_VISIBLE_DEVICES"] for row in rows] == ["0", "1"]  # still one worker per GPU
+    assert {row["queues"] for row in rows} == {
+        "lab.gpu.high,lab.cpu.high,lab.gpu.normal,lab.cpu.normal,lab.gpu.low,lab.cpu.low"}
+    assert "one worker per GPU on CUDA devices 0,1 (queues gpu,cpu)" in r.stderr
+
+
+@pytest.mark.parametrize("queues", ["tpu", "gpu9", "cpu,", "cpu gpu", "gpu1"])
+def test_bad_worker_queues_fail_fast(tmp_path: Path, queues: str) -> None:
+    r = run_sbatch(sbatch_env(tmp_path, LOWRANK_WORKER_QUEUES=queues, LOWRANK_WORKER_ARGS="--dry-run"))
+    assert r.returncode == 2
+    assert f"LOWRANK_WORKER_QUEUES='{queues}' must be a comma-separated list of cpu, gpu, gpu2..gpu8" in r.stderr
+    assert "worker@" not in r.stdout
+
+
+def test_cpu_variant_runs_without_gpus(tmp_path: Path) -> None:
+    # A CPU partition's job: no GPU from Slurm, a CUDA_VISIBLE_DEVICES left in the submitting shell.
+    env = sbatch_env(tmp_path, LOWRANK_WORKER_ARGS="--dry-run", LOWRANK_QUEUE_PREFIX="lab.", SLURM_CPUS_PER_TASK="16",
+                     SLURM_GPUS_ON_NODE=None, CUDA_VISIBLE_DEVICES="0,1", LOWRANK_WORKER_QUEUES="cpu",
+                     LOWRANK_CPU_WORKERS="4")
+    r = run_sbatch(env)
+    assert r.returncode == 0, r.stderr
+    [row] = planned(r.stdout)  # one Celery worker running 4 jobs at once
+    assert row["node"] == f"worker@{os.uname().nodename.split('.')[0]}-j4242"
+    assert (row["queues"], row["concurrency"]) == ("lab.cpu.high,lab.cpu.normal,lab.cpu.low", "4")
+    assert "CPU workers running 4 job(s) at once (queues cpu)" in r.stderr
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    # GPU queues without a GPU: the message says how to ask for GPUs, or for the CPU variant.
+    ({"SLURM_GPUS_ON_NODE": None}, "or run CPU workers: LOWRANK_WORKER_QUEUES=cpu sbatch --gres=none"),
+    ({"SLURM_GPUS_ON_NODE": None, "LOWRANK_WORKER_QUEUES": "cpu,gpu"}, "no GPU allocated to this job"),
+    ({"SLURM_GPUS_ON_NODE": None, "LOWRANK_WORKER_QUEUES": "cpu", "LOWRANK_CPU_WORKERS": "0"},
+     "LOWRANK_CPU_WORKERS must be a whole number from 1 to 999, got '0'"),
+    ({"SLURM_GPUS_ON_NODE": None, "LOWRANK_WORKER_QUEUES": "cpu", "LOWRANK_CPU_WORKERS": "two"},
+     "LOWRANK_CPU_WORKERS must be a whole number from 1 to 999, got 'two'"),
+])
+def test_cpu_variant_errors(tmp_path: Path, overrides: dict[str, str | None], expected: str) -> None:
+    r = run_sbatch(sbatch_env(tmp_path, LOWRANK_WORKER_ARGS="--dry-run", **overrides))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert expected in r.stderr
 
 
 # ------------------------------------------------------------------------------------ shutdown
@@ -239,8 +289,8 @@ def start_with_fake_workers(tmp_path: Path, n_gpus: int, **overrides: str) -> tu
     lowrank.write_text(FAKE_LOWRANK.format(python=sys.executable, root=str(ROOT), fake=str(fake)))
     lowrank.chmod(0o755)
     gpus = ",".join(str(i) for i in range(n_gpus))
-    env = sbatch_env(tmp_path, PATH=f"{bindir}:/usr/bin:/bin", SLURM_GPUS_ON_NODE=str(n_gpus),
-                     CUDA_VISIBLE_DEVICES=gpus, FAKE_OUT=str(out), **overrides)
+    env = sbatch_env(tmp_path, **{"PATH": f"{bindir}:/usr/bin:/bin", "SLURM_GPUS_ON_NODE": str(n_gpus),
+                                  "CUDA_VISIBLE_DEVICES": gpus, "FAKE_OUT": str(out), **overrides})
     proc = subprocess.Popen([BASH, str(SBATCH)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     return proc, out
@@ -303,3 +353,20 @@ def test_cold_shutdown_follows_when_a_job_outlasts_the_warm_window(tmp_path: Pat
     assert elapsed >= 1.0
     assert "cold shutdown" in stderr
     assert proc.returncode == 0, stderr
+
+
+def test_cpu_variant_hides_inherited_gpus_and_splits_the_cpus(tmp_path: Path) -> None:
+    proc, out = start_with_fake_workers(tmp_path, n_gpus=2, SLURM_GPUS_ON_NODE="", LOWRANK_WORKER_QUEUES="cpu",
+                                        LOWRANK_CPU_WORKERS="4", SLURM_CPUS_PER_TASK="8")
+    try:
+        wait_for(lambda: len(records(out)) == 1, 60, "the CPU worker to start")
+        [rec] = records(out)
+        # No GPU for a job that was given none, even though the submitting shell had CUDA_VISIBLE_DEVICES=0,1;
+        # the job's 8 CPUs split between its 4 concurrent jobs.
+        assert (rec["cuda"], rec["omp"]) == ("", "2"), rec
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0, stderr
+    assert records(out)[0]["signals"] == ["SIGTERM"]

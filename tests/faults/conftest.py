@@ -24,8 +24,8 @@ from __future__ import annotations
 import secrets
 import signal
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_service_helpers():  # noqa: ANN202
+def _load_service_helpers():
     name = "lowrank_service_test_helpers"
     if name in sys.modules:
         return sys.modules[name]
@@ -32,7 +32,7 @@ def _load_service_helpers():  # noqa: ANN202
 svc = _load_service_helpers()
 ServiceProcess = svc.ServiceProcess
 free_port = svc.free_port
-wait_job = svc._wait_job  # noqa: SLF001
+wait_job = svc._wait_job
 SHARED_PORTS = (5432, 6379)
 
 # A dense ResNet-18 on 8 px synthetic images: 4 steps of 4 images an epoch (well under a second on an idle
@@ -53,7 +53,7 @@ def _missing(tool: str, why: str) -> None:
                 pytrace=False)
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2):  # noqa: ANN201
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -214,3 +214,44 @@ def assert_complete_train_metrics(client: httpx.Client, job_id: str, epochs: int
     assert s["train_loss"]["steps"] == ends
     assert s["epoch"]["total"] == total  # ("epoch", step) rows: one per step report and epoch end share steps
     return s
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes of a worker.
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first, then theirs)."""
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(children(p))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def job_pid(worker: ServiceProcess, job_id: str, timeout: float = 60) -> int:
+    """The pid of `job_id`'s job process, as its supervisor logged it (`job <id>: process <pid> started`)."""
+    import re
+
+    pattern = re.compile(rf"job {job_id}: process (\d+) started")
+
+    def found() -> int | None:
+        hits = pattern.findall(worker.logs())
+        return int(hits[-1]) if hits else None
+
+    return wait_for(found, timeout, f"the worker to start job {job_id}'s process")

@@ -6,8 +6,16 @@ import time
 import httpx
 import pytest
 
-from faults.faultlib import (SMALL_APPROX, TINY_TRAIN, assert_complete_train_metrics, series, submit, svc, wait_for,
-                             wait_job)
+from faults.faultlib import (
+    SMALL_APPROX,
+    TINY_TRAIN,
+    assert_complete_train_metrics,
+    series,
+    submit,
+    svc,
+    wait_for,
+    wait_job,
+)
 from jobs import auth, store
 from jobs.settings import get_settings
 
@@ -18,7 +26,7 @@ OUTAGE_S = 10.0  # longer than stale_after_s (6 s): every heartbeat looks stale 
 HANG_BOUND_S = 15.0  # "no hang": far above the 5 s connect timeout, far below the client's 30 s
 
 
-def _timed(client: httpx.Client, method: str, path: str, **kw) -> tuple[httpx.Response, float]:  # noqa: ANN003
+def _timed(client: httpx.Client, method: str, path: str, **kw) -> tuple[httpx.Response, float]:
     t0 = time.monotonic()
     r = client.request(method, path, **kw)
     return r, time.monotonic() - t0
@@ -36,7 +44,7 @@ def test_postgres_outage_gives_503_and_recovers_without_losing_metrics(fault_cli
         secured.stop()
 
 
-def _run(fault_client, fault_pg, spawn_worker, unique_tag, secured_url: str, token: str) -> None:  # noqa: ANN001
+def _run(fault_client, fault_pg, spawn_worker, unique_tag, secured_url: str, token: str) -> None:
     secured = httpx.Client(base_url=secured_url, timeout=30, headers={"Authorization": f"Bearer {token}"})
     assert secured.get("/api/v1/jobs").status_code == 200
     worker = spawn_worker()

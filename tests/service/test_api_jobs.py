@@ -72,6 +72,21 @@ def test_train_on_cuda_goes_to_the_gpu_queue(idle_client) -> None:
     assert job["queue"] == "gpu" and job["spec"]["init"] == "nkp"
 
 
+def test_a_train_spec_is_stored_with_its_recipe_resolved(idle_client) -> None:
+    """Fields left out take the data set's recipe, a field set wins; the stored spec (GET) holds them all."""
+    from core.recipes import recipe_values
+
+    spec = {"kind": "train", "model": "resnet18", "dataset": "digits", "rank_ratio": 0.25, "lr": 0.05}
+    job = submit(idle_client, spec).json()
+    got = idle_client.get(f"/api/v1/jobs/{job['id']}").json()["spec"]
+    assert got == job["spec"]
+    recipe = recipe_values("digits", "resnet18")
+    assert got["recipe"] == "digits" and got["lr"] == 0.05
+    assert {k: got[k] for k in recipe if k != "lr"} == {k: v for k, v in recipe.items() if k != "lr"}
+    assert (got["epochs"], got["batch_size"], got["nesterov"], got["image_size"], got["small_input"]) == (3, 64, True, 8, True)
+    assert None not in (got[k] for k in ("optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs"))
+
+
 def test_get_unknown_job_is_404(idle_client) -> None:
     r = idle_client.get(f"/api/v1/jobs/{uuid.uuid4()}")
     assert r.status_code == 404 and r.json()["code"] == "not_found"
@@ -200,7 +215,23 @@ BAD_SPECS = [
     ("bad layer in include", {**TRAIN, "include": ["layer1/conv"]}, ["train", "include"], "dotted layer name"),
     ("too many epochs", {**TRAIN, "epochs": 10**6}, ["train", "epochs"], "LOWRANK_MAX_EPOCHS"),
     ("bad amp", {**TRAIN, "amp": "fp8"}, ["train", "amp"], "'bf16'"),
-    ("amp on cpu", {**TRAIN, "amp": "bf16"}, ["train", "device"], "amp='bf16' is mixed precision on a GPU"),
+    ("amp on cpu", {**TRAIN, "amp": "bf16"}, ["train", "device"], "amp='bf16' needs a CUDA device; on device cpu"),
+    ("rank that factorizes no layer", {**TRAIN, "rank": 1000}, ["train", "rank"],
+     "rank 1000 factorizes no layer of resnet18 (every layer would keep its full size"),
+    ("ratio that factorizes no included layer", {**TRAIN, "rank": None, "rank_ratio": 0.9, "include": ["layer1"]},
+     ["train", "rank_ratio"], "rank_ratio 0.9 factorizes no layer of the included layers of resnet18"),
+    ("latency-aware dense baseline", {**TRAIN, "rank": None, "init": "dense", "latency_aware": True},
+     ["train", "latency_aware"], "latency_aware chooses which layers to factor: give rank or rank_ratio too"),
+    ("latency batch 0", {**TRAIN, "latency_aware": True, "latency_batch": 0}, ["train", "latency_batch"],
+     "greater than or equal to 1"),
+    ("unknown layer in include", {**TRAIN, "include": ["layer9"]}, ["train", "include"],
+     "include: no Conv2d/Linear layer named 'layer9'"),
+    ("batch larger than the data", {**TRAIN, "batch_size": 2000}, ["train", "batch_size"],
+     "exceeds the 1437 training images of digits"),
+    ("recipe warm-up longer than the run", {**TRAIN, "dataset": "cifar10", "recipe": "imagenet",
+                                            "model": "efficientnet_b0", "epochs": 2},
+     ["train", "warmup_epochs"], "warmup_epochs must be <= epochs (2), got 5.0 (the value of recipe 'imagenet')"),
+    ("unknown recipe", {**TRAIN, "recipe": "mnist"}, ["train", "recipe"], "'digits'"),
     ("imagefolder outside roots", {**TRAIN, "dataset": "imagefolder", "data_root": "/etc"}, ["train", "data_root"],
      "LOWRANK_DATA_ROOTS"),
     ("negative seed", approx(seed=-1), ["approx", "seed"], "greater than or equal to 0"),
@@ -337,7 +368,8 @@ def test_upload_round_trip_and_validation(idle_client) -> None:
     buf = io.BytesIO()
     torch.save({"weight": torch.from_numpy(w)}, buf)
     pt = idle_client.post("/api/v1/uploads", files={"file": ("w.pt", buf.getvalue())})
-    assert pt.status_code == 201 and pt.json()["format"] == "pt" and pt.json()["arrays"] is None
+    assert pt.status_code == 201 and pt.json()["format"] == "pt"
+    assert pt.json()["arrays"] == {"weight": {"shape": [12, 8], "dtype": "float32"}}  # a .pt's state_dict, by name
 
     for name, content, needle in [
         ("w.txt", b"1 2 3", "unsupported extension"),

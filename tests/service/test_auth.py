@@ -167,6 +167,8 @@ def test_owner_rule_on_cancel_and_retry(auth_api: str, tokens: dict[str, str]) -
 
 def test_revocation_and_cli(auth_api: str, tokens: dict[str, str]) -> None:
     _, temp = auth.create_token("temp")
+    # alice's token is used once here (bob's never), so last_used_at below does not depend on other tests.
+    assert httpx.get(f"{auth_api}/api/v1/jobs", headers=bearer(tokens["alice"]), timeout=30).status_code == 200
     with httpx.Client(base_url=auth_api, timeout=30, headers=bearer(temp)) as c:
         assert c.get("/api/v1/jobs").status_code == 200
         r = lowrank("token", "revoke", "temp")
@@ -181,7 +183,7 @@ def test_revocation_and_cli(auth_api: str, tokens: dict[str, str]) -> None:
 
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
     assert rows["temp"]["revoked_at"] is not None and rows["alice"]["revoked_at"] is None
-    assert rows["alice"]["last_used_at"] is not None  # used by the tests above
+    assert rows["alice"]["last_used_at"] is not None  # used above
     assert not any("token" in r for r in rows.values())  # never the token itself
     # Errors: one line, exit 2.
     for args in (("revoke", "temp"), ("revoke", "nobody-at-all"), ("create", "bad name!")):
@@ -199,26 +201,58 @@ def test_loopback_rule_unit() -> None:
     assert is_loopback_host("127.0.0.5") and not is_loopback_host("0.0.0.0") and not is_loopback_host("example.org")
 
 
-def _public_address() -> str | None:
+TEST_ADDRESS = "198.18.0.1"  # RFC 2544 benchmarking range: never routed, safe to put on lo for a test
+
+
+def _interface_ipv4_addresses() -> list[str]:
+    """The primary IPv4 address of each network interface (Linux SIOCGIFADDR), loopback ones left out."""
+    import fcntl
+    import struct
+
+    found = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # no packet is sent; picks the outgoing interface
-            addr = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if is_loopback_host(addr) else addr
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue  # no IPv4 address on this interface
+            addr = socket.inet_ntoa(packed[20:24])
+            if not is_loopback_host(addr):
+                found.append(addr)
+    return found
 
 
-def test_non_loopback_bind_requires_auth(service_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.fixture
+def non_loopback_ipv4(unavailable) -> Iterator[str]:
+    """An IPv4 address of this machine that is not loopback: an interface's own, or on a loopback-only
+    machine (a CI container) TEST_ADDRESS added to lo for this test (root: `ip addr add`), removed after."""
+    found = _interface_ipv4_addresses()
+    if found:
+        yield found[0]
+        return
+    cmd = ["ip", "addr", "add", f"{TEST_ADDRESS}/32", "dev", "lo"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        why = r.stderr.strip()
+        ok = r.returncode == 0 or "File exists" in why
+    except OSError as exc:
+        ok, why = False, str(exc)
+    if not ok:
+        unavailable(f"no non-loopback IPv4 address here, and `{' '.join(cmd)}` failed: {why}")
+    try:
+        yield TEST_ADDRESS
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{TEST_ADDRESS}/32", "dev", "lo"], capture_output=True, timeout=10)
+
+
+def test_non_loopback_bind_requires_auth(service_env: dict[str, str], tmp_path: Path, non_loopback_ipv4: str) -> None:
     """`lowrank api --host 0.0.0.0` with auth off refuses; raw uvicorn on 0.0.0.0 with auth off still
     demands a token from a non-loopback connection, and not from a loopback one."""
     r = lowrank("api", "--host", "0.0.0.0", "--port", "1", env={"LOWRANK_AUTH": "off"})
     assert r.returncode == 2 and "LOWRANK_AUTH=required" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = lowrank("up", "--host", "0.0.0.0", "--port", str(_free_port()), env={"LOWRANK_AUTH": "off"})
     assert r.returncode == 2 and "not a loopback address" in r.stderr, r.stderr
-    public = _public_address()
-    if public is None:
-        pytest.skip("this machine has no non-loopback IPv4 address to connect through")
+    public = non_loopback_ipv4
     proc, _ = _start_uvicorn("0.0.0.0", "127.0.0.1", {"LOWRANK_AUTH": "off"}, tmp_path / "api.log")
     try:
         port = proc.args[proc.args.index("--port") + 1]

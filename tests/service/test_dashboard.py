@@ -62,14 +62,14 @@ def browser() -> Iterator:
         b.close()
 
 
-def new_context(browser, base_url: str):  # noqa: ANN001, ANN201
+def new_context(browser, base_url: str):
     return browser.new_context(base_url=base_url, accept_downloads=True, viewport={"width": 1280, "height": 1000})
 
 
 class Page:
     """A Playwright page (a browser tab) collecting JavaScript errors (checked at teardown)."""
 
-    def __init__(self, context) -> None:  # noqa: ANN001
+    def __init__(self, context) -> None:
         self.context = context
         self.page = context.new_page()
         self.page.set_default_timeout(30_000)
@@ -91,7 +91,7 @@ class Page:
 
 
 @pytest.fixture(scope="module")
-def context(browser, api_server) -> Iterator:  # noqa: ANN001
+def context(browser, api_server) -> Iterator:
     """One browser context for the module (its HTTP cache keeps Plotly.js after the first page)."""
     ctx = new_context(browser, api_server.url)
     yield ctx
@@ -99,35 +99,43 @@ def context(browser, api_server) -> Iterator:  # noqa: ANN001
 
 
 @pytest.fixture
-def web(context) -> Iterator[Page]:  # noqa: ANN001
+def web(context) -> Iterator[Page]:
     p = Page(context)
     yield p
     p.page.close()
     assert p.errors == [], p.errors
 
 
-# Keeps the module's one-slot worker busy until a test releases it (cancels it): see train_sweep.
+# Keeps the module's one-slot worker busy until a test cancels it: see start_blocker.
 BLOCKER = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "image_size": 16, "init": "dense",
            "epochs": 1000, "batch_size": 16, "synthetic_train_size": 32, "synthetic_val_size": 16, "lr": 0.01,
            "tags": ["dash-blocker"]}
 
 
-@pytest.fixture(scope="module")
-def train_sweep(api_server, worker_process) -> Iterator[dict]:  # noqa: ANN001
-    """A train sweep over rank (2 points, 1 seed), the module's only training: the job page watches
-    its first job run; the sweep test (accuracy versus parameters) and the compare test use both.
+def start_blocker(client: httpx.Client) -> str:
+    """Submit BLOCKER and wait until the worker runs it (after whatever was queued before it): jobs
+    submitted next are certainly queued until `client.post(f"/api/v1/jobs/{blocker}/cancel")`."""
+    blocker = client.post("/api/v1/jobs", json=BLOCKER).json()["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/api/v1/jobs/{blocker}").json()["status"] != "running":
+        if time.monotonic() > deadline:
+            client.post(f"/api/v1/jobs/{blocker}/cancel")
+            pytest.fail("the blocker job did not start within 120 s", pytrace=False)
+        time.sleep(0.1)
+    return blocker
 
-    Its jobs are created while the worker runs a long blocker job, so they are certainly queued
-    when the job page opens (on an idle machine the tiny training would otherwise finish before
-    the page loads); `release(train_sweep)` cancels the blocker and lets them run."""
+
+@pytest.fixture(scope="module")
+def train_sweep(api_server, worker_process) -> Iterator[dict]:
+    """A train sweep over rank (2 points, 1 seed): the sweep test (accuracy versus parameters) and the
+    compare test use both jobs.
+
+    Its jobs are created while the worker runs a long blocker job; `release(train_sweep)` cancels the
+    blocker and lets them run (each test that uses it releases it first, so any order works)."""
     body = {"name": "dash-train", "base": {**TRAIN, "tags": ["dash-train"]}, "grid": {"rank": [2, 4]}, "seeds": [0]}
     with httpx.Client(base_url=api_server.url, timeout=30) as c:
-        blocker = c.post("/api/v1/jobs", json=BLOCKER).json()["id"]
+        blocker = start_blocker(c)
         try:
-            deadline = time.monotonic() + 90
-            while c.get(f"/api/v1/jobs/{blocker}").json()["status"] != "running":
-                assert time.monotonic() < deadline, "the blocker job did not start within 90 s"
-                time.sleep(0.1)
             r = c.post("/api/v1/sweeps", json=body)
             assert r.status_code == 201, r.text
             yield {**r.json(), "blocker": blocker}
@@ -185,7 +193,7 @@ def test_page_arguments_are_validated(client):
     r = client.get("/compare", params={"jobs": "not-a-uuid"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "jobs"]
     assert "UUID" in r.json()["detail"][0]["msg"]
-    r = client.get("/compare", params={"jobs": ",".join(["00000000-0000-0000-0000-%012d" % i for i in range(21)])})
+    r = client.get("/compare", params={"jobs": ",".join([f"00000000-0000-0000-0000-{i:012d}" for i in range(21)])})
     assert r.status_code == 422 and "1 to 20" in r.json()["detail"][0]["msg"]
     assert client.get("/jobs/nope").status_code == 422
     assert client.get("/sweeps/nope").status_code == 422
@@ -297,22 +305,31 @@ def test_long_series_are_downsampled_on_the_server(web, client, worker_process, 
     assert "method\tspectral" in result and "error" in result
 
 
-@pytest.mark.timeout(180)
-def test_job_page_follows_a_running_train_job(web, client, train_sweep):
-    """The page opened right after submitting shows the status change and the curves grow, without a
-    reload; at the end: result, 3 curve plots with the API's series, the init-error table, artifacts."""
-    jobs = client.get("/api/v1/jobs", params={"sweep": train_sweep["id"]}).json()["items"]
-    job_id = next(j["id"] for j in jobs if j["sweep_point_index"] == 0)
+# The job page's own train job: 3 epochs of 6 steps, so the page has two epoch ends (metrics are
+# written at each) to show a partial curve while the job still runs.
+WATCHED = {**TRAIN, "rank": 2, "epochs": 3, "synthetic_train_size": 96}
+WATCHED_STEPS = 3 * 6
+
+
+@pytest.mark.timeout(240)
+def test_job_page_follows_a_running_train_job(web, client, worker_process, unique_tag):
+    """The page opened while the job is queued shows the status go queued -> running -> succeeded and
+    the step curve grow while it runs, without a reload; at the end: result, 3 curve plots with the
+    API's series, the init-error table, artifacts."""
     page = web.page
-    page.goto(f"/jobs/{job_id}?{POLL}")
-    page.evaluate("window.__noReload = 1")
+    blocker = start_blocker(client)
     try:
+        r = client.post("/api/v1/jobs", json={**WATCHED, "tags": [unique_tag]})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        page.goto(f"/jobs/{job_id}?{POLL}")
+        page.evaluate("window.__noReload = 1")
         page.wait_for_function("() => document.getElementById('job-status').textContent === 'queued'",
                                timeout=30_000)
     finally:
-        release(client, train_sweep)
-    seen: list[tuple[str, int]] = [("queued", 0)]  # (status on screen, train_loss_step points on screen)
-    deadline = time.monotonic() + 150
+        client.post(f"/api/v1/jobs/{blocker}/cancel")
+    seen: list[tuple[str, int]] = []  # distinct (status on screen, train_loss_step points on screen)
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         status, points = page.evaluate("""() => {
             const d = document.getElementById('plot-loss');
@@ -322,12 +339,18 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
             seen.append((status, points))
         if status in ("succeeded", "failed", "cancelled"):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     statuses = [s for s, _ in seen]
     assert statuses[-1] == "succeeded", (seen, client.get(f"/api/v1/jobs/{job_id}").json()["error"])
-    assert any(s in ("queued", "running") for s in statuses), seen  # it changed on screen
+    # Status changed on screen, in order: queued (seen above, before the blocker was cancelled), running, succeeded.
+    assert "running" in statuses, seen
+    assert statuses.index("running") < statuses.index("succeeded"), seen
+    assert all(s in ("queued", "running", "succeeded") for s in statuses), seen
     assert page.evaluate("window.__noReload") == 1
-    running_points = [n for s, n in seen if s == "running"]
+    # The curve grew on screen while the job ran: a partial curve was shown, and counts never shrank.
+    counts = [n for _, n in seen]
+    assert counts == sorted(counts), seen
+    assert any(0 < n < WATCHED_STEPS for s, n in seen if s == "running"), seen
     print(f"\non screen (status, train_loss_step points): {seen}")
 
     job = client.get(f"/api/v1/jobs/{job_id}").json()
@@ -339,19 +362,14 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
     loss = {t["name"]: t for t in web.wait_traces("plot-loss", 3)}
     assert set(loss) == {"train_loss_step", "train_loss", "val_loss"}
     steps = loss["train_loss_step"]["x"]
-    assert steps == series["train_loss_step"]["steps"] == list(range(1, 5))  # 2 steps x 2 epochs
+    assert steps == series["train_loss_step"]["steps"] == list(range(1, WATCHED_STEPS + 1))  # 6 steps x 3 epochs
     assert loss["train_loss_step"]["y"] == pytest.approx(series["train_loss_step"]["values"])
-    assert loss["train_loss"]["x"] == [2, 4] and loss["train_loss"]["y"] == pytest.approx(series["train_loss"]["values"])
-    assert loss["val_loss"]["n"] == 2
+    assert loss["train_loss"]["x"] == [6, 12, 18]
+    assert loss["train_loss"]["y"] == pytest.approx(series["train_loss"]["values"])
+    assert loss["val_loss"]["n"] == 3
     assert {t["name"] for t in web.wait_traces("plot-accuracy", 3)} == {"train_top1", "val_top1", "val_top5"}
     (lr,) = web.wait_traces("plot-lr", 1)
     assert lr["name"] == "lr" and lr["y"] == pytest.approx(series["lr"]["values"])
-    # Seen growing while running: some running frame showed fewer points than the end (metrics
-    # are flushed every ~2 s by the worker's heartbeat, so only a job that runs long enough shows it).
-    if job["started_at"] and job["finished_at"]:
-        print(f"train job ran for {_seconds(job['finished_at']) - _seconds(job['started_at']):.1f} s; "
-              f"points seen while running: {running_points}")
-
     # Result, error, init table, artifacts.
     page.wait_for_selector("#init-table tbody tr")
     result_text = page.inner_text("#result-table")
@@ -385,12 +403,6 @@ def test_job_page_follows_a_running_train_job(web, client, train_sweep):
         page.screenshot(path=str(Path(os.environ["LOWRANK_TEST_SHOTS"]) / "job.png"), full_page=True)
 
 
-def _seconds(iso: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 @pytest.mark.timeout(150)
 def test_sweep_page_plots_table_csv_and_screenshot(web, client, worker_process, train_sweep, unique_tag,
                                                    tmp_path):
@@ -419,13 +431,15 @@ def test_sweep_page_plots_table_csv_and_screenshot(web, client, worker_process, 
     traces = web.traces("plot-metric")
     means = {t["name"]: t for t in traces if t["role"] == "mean"}
     bands = [t for t in traces if t["role"] == "band"]
-    assert set(means) == {"spectral", "nkp"} and len(bands) == 2 and all(b["fill"] == "toself" for b in bands)
+    # Legend entries carry their key.
+    assert set(means) == {"method=spectral", "method=nkp"} and len(bands) == 2 and all(b["fill"] == "toself" for b in bands)
+    means = {name.removeprefix("method="): t for name, t in means.items()}
     for method, trace in means.items():
         rows = sorted((r for r in results["rows"] if r["point"]["method"] == method), key=lambda r: r["point"]["rank"])
         assert trace["x"] == [1, 2, 4, 8]
         assert trace["y"] == pytest.approx([r["mean"] for r in rows])
     # The band is mean +- std (default): its upper edge is mean + std.
-    spectral_band = bands[[t["name"] for t in traces if t["role"] == "mean"].index("spectral")]
+    spectral_band = bands[[t["name"] for t in traces if t["role"] == "mean"].index("method=spectral")]
     rows = sorted((r for r in results["rows"] if r["point"]["method"] == "spectral"), key=lambda r: r["point"]["rank"])
     assert spectral_band["y"][:4] == pytest.approx([r["mean"] + r["std"] for r in rows])
     # NKP's function error is never above spectral's at the same rank (same matrices, same seeds).
@@ -434,7 +448,7 @@ def test_sweep_page_plots_table_csv_and_screenshot(web, client, worker_process, 
     page.check("#logy")
     page.wait_for_function("() => document.getElementById('plot-metric').layout.yaxis.type === 'log'")
     page.select_option("#band-select", "minmax")
-    first_line = [t for t in web.traces("plot-metric") if t["role"] == "mean"][0]["name"]
+    first_line = [t for t in web.traces("plot-metric") if t["role"] == "mean"][0]["name"].removeprefix("method=")
     rows = sorted((r for r in results["rows"] if r["point"]["method"] == first_line), key=lambda r: r["point"]["rank"])
     edges = [r["max"] for r in rows] + [r["min"] for r in rows][::-1]
     page.wait_for_function("edges => { const y = document.getElementById('plot-metric').data[0].y; "

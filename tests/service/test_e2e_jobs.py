@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import time
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def test_train_job_end_to_end_and_resume_after_stale_heartbeat(client, wait_job,
     layers = ["layer1.0.conv1", "layer2.0.conv2"]
     spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
             "include": layers, "epochs": 2, "batch_size": 32, "synthetic_train_size": 128,
-            "synthetic_val_size": 64, "lr": 0.05, "log_every": 1, "tags": [unique_tag]}
+            "synthetic_val_size": 64, "lr": 0.05, "log_every": 1, "tags": [unique_tag],
+            "small_input": False}  # the standard stem: 32 px would get the small one, 16x the compute
     r = client.post("/api/v1/jobs", json=spec)
     assert r.status_code == 201, r.text
     job_id = r.json()["id"]
@@ -127,8 +129,15 @@ def test_train_job_end_to_end_and_resume_after_stale_heartbeat(client, wait_job,
     assert res["params_factored"] < res["params_dense"]
     assert res["resumed_from_epoch"] is None
     series = {s["name"]: s for s in client.get(f"/api/v1/jobs/{job_id}/metrics").json()["series"]}
-    assert {"train_loss_step", "train_loss", "val_top1", "val_loss", "lr"} <= set(series)
-    assert series["train_loss_step"]["steps"] == list(range(1, 9))  # 4 steps x 2 epochs, each exactly once
+    # Every row the run reported, exactly once (a lost or extra write shows here): at each of the
+    # 8 steps (4 x 2 epochs, log_every=1) train_loss_step, lr and epoch; at the epoch ends 4 and 8
+    # the epoch-level series.
+    every_step, ends = list(range(1, 9)), [4, 8]
+    assert {name: s["steps"] for name, s in series.items()} == {
+        "train_loss_step": every_step, "lr": every_step, "epoch": every_step,
+        **{k: ends for k in ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_time_s",
+                             "images_per_s")}}
+    assert series["epoch"]["values"] == [1.0] * 4 + [2.0] * 4
     # The epoch means have their own series, at each epoch's last step: never mixed into the step series.
     assert series["train_loss"]["steps"] == [4, 8]
     assert series["train_loss"]["values"][-1] == pytest.approx(res["train_loss"])
@@ -157,28 +166,66 @@ def test_train_job_end_to_end_and_resume_after_stale_heartbeat(client, wait_job,
     assert again["result"]["val_top1"] == pytest.approx(res["val_top1"])  # nothing trained twice
 
 
-def _children(pid: int) -> set[int]:
-    kids: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids |= {int(k) for k in (task / "children").read_text().split()}
-    return kids
+@pytest.mark.timeout(180)
+def test_a_diverging_train_job_fails_with_what_to_change(client, wait_job, unique_tag):
+    """lr 100: the loss is NaN within a few steps. The job is `failed` with core's one-line message
+    (where, the loss, what to change), no traceback."""
+    spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
+            "include": ["layer1.0.conv1"], "epochs": 2, "batch_size": 16, "synthetic_train_size": 64,
+            "synthetic_val_size": 16, "small_input": False, "lr": 100, "tags": [unique_tag]}
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job = wait_job(client, r.json()["id"], timeout=150)
+    assert job["status"] == "failed" and job["result"] is None
+    # a step's loss, or the first epoch's val loss, is NaN (which comes first depends on the data)
+    assert re.match(r"diverged at (epoch 1 step \d+: loss|the end of epoch 1: val_loss) nan \(started at [\d.]+\); ",
+                    job["error"]), job["error"]
+    assert job["error"].endswith("lower lr (now 100) or warm up longer (warmup_epochs now 0.5)"), job["error"]
+    assert "\n" not in job["error"] and "Traceback" not in job["error"]
 
 
 @pytest.mark.timeout(180)
-def test_train_job_with_dataloader_worker_processes(client, wait_job, unique_tag):
-    """num_workers > 0 inside Celery's prefork pool, whose task processes are daemonic (multiprocessing
-    refused to start their children: the job failed). The job succeeds, its summary records the two
-    loader workers, and none of them outlives the job."""
+def test_a_train_job_at_chance_level_succeeds_with_a_warning(client, wait_job, unique_tag):
+    """Two steps at lr 1e-6 learn nothing: the job succeeds and its result says so in `warnings`."""
+    spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "init": "dense", "epochs": 1,
+            "batch_size": 16, "synthetic_train_size": 64, "synthetic_val_size": 256, "small_input": False,
+            "image_size": 16, "lr": 1e-6, "warmup_epochs": 0, "max_train_batches": 2, "tags": [unique_tag]}
+    r = client.post("/api/v1/jobs", json=spec)
+    assert r.status_code == 201, r.text
+    job = wait_job(client, r.json()["id"], timeout=150)
+    assert job["status"] == "succeeded", job["error"]
+    (warning,) = job["result"]["warnings"]
+    assert f"val_top1 {job['result']['val_top1']:.3f} is at chance level: 10 classes give 1/10 = 0.100" in warning
+
+
+def _process_group(pgid: int) -> set[int]:
+    """The live processes of process group `pgid` (a job process leads its own: it and its loader workers)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.add(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.timeout(180)
+def test_train_job_with_dataloader_worker_processes(client, wait_job, unique_tag, worker_process):
+    """num_workers > 0: the job's process is not daemonic (Celery's prefork pool processes were, and
+    multiprocessing refused to start their children: the job failed). The job succeeds, its summary records
+    the two loader workers, and none of them outlives the job (its process group is empty afterwards)."""
     spec = {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
             "include": ["layer1.0.conv1"], "epochs": 2, "batch_size": 32, "synthetic_train_size": 64,
-            "synthetic_val_size": 32, "num_workers": 2, "tags": [unique_tag]}
+            "synthetic_val_size": 32, "num_workers": 2, "small_input": False, "tags": [unique_tag]}
     r = client.post("/api/v1/jobs", json=spec)
     assert r.status_code == 201, r.text
     job = wait_job(client, r.json()["id"], timeout=150)
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["epochs"] == 2 and job["result"]["config"]["num_workers"] == 2
-    pool_pid = int(job["worker"].rsplit(":", 1)[1])
+    (job_pid,) = map(int, re.findall(rf"job {job['id']}: process (\d+) started", worker_process.logs()))
     deadline = time.monotonic() + 10
-    while _children(pool_pid) and time.monotonic() < deadline:  # loader workers exit as the epoch ends
+    while _process_group(job_pid) and time.monotonic() < deadline:  # loader workers exit as the epoch ends
         time.sleep(0.2)
-    assert _children(pool_pid) == set()
+    assert _process_group(job_pid) == set()

@@ -25,7 +25,7 @@ EXCLUDED = {"positive_data_acceptance"}
 
 
 @pytest.fixture(scope="module")
-def fuzz_api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def fuzz_api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     from test_auth import _start_uvicorn, _stop  # same folder (rootdir-relative import)
 
     env = {"LOWRANK_AUTH": "required", "LOWRANK_QUEUE_PREFIX": f"{service_env['LOWRANK_QUEUE_PREFIX']}fuzz."}
@@ -50,7 +50,7 @@ def test_fuzz_openapi(fuzz_api: str) -> None:
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
-        def fuzz(case) -> None:  # noqa: ANN001
+        def fuzz(case) -> None:
             nonlocal calls
             calls += 1
             case.call_and_validate(base_url=fuzz_api, headers=headers, excluded_checks=excluded, timeout=30)

@@ -81,6 +81,8 @@ def test_imagefolder_paths_must_lie_under_data_roots(limited: httpx.Client, root
                 "/etc", "relative/path", "~"):
         d = _detail(limited.post("/api/v1/jobs", json={**base, "data_root": bad}))
         assert d["loc"] == ["body", "train", "data_root"] and "LOWRANK_DATA_ROOTS" in d["msg"], (bad, d)
+        # The setting is named, its value (the server's folders) never shown beyond what was sent.
+        assert str(roots["allowed"]) not in d["msg"].replace(bad, ""), d
     d = _detail(limited.post("/api/v1/jobs", json=base))  # imagefolder without a path
     assert d["loc"] == ["body", "train", "data_root"]
 
@@ -94,7 +96,7 @@ class _CreatesFile:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (self.path, "w"))
 
 
@@ -102,7 +104,7 @@ class _RunsShell:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (os.system, (f"touch {self.path}",))
 
 

@@ -9,7 +9,8 @@ from jobs import migrate
 from jobs.db import make_engine
 from jobs.models import Base
 
-TABLES = {"jobs", "sweeps", "job_tags", "metrics", "artifacts", "uploads", "api_tokens"}
+TABLES = {"jobs", "sweeps", "job_tags", "metrics", "artifacts", "uploads", "api_tokens", "search_trials",
+          "owner_turns"}
 
 
 def _diff(url: str) -> list:

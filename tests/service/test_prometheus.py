@@ -85,7 +85,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 def test_metrics_report_exact_job_states(own_database: str, spawn_api: Callable, service_env: dict[str, str]) -> None:
     prefix = f"{service_env['LOWRANK_QUEUE_PREFIX']}metrics{secrets.token_hex(3)}."
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     # Seconds before `now` for every *_at field.
     add_jobs(own_database, now, [
         # approx: 3 succeeded (0.5 s, 3 s, 100 s), 1 failed (20 s), 1 cancelled before it started.
@@ -115,7 +115,7 @@ def test_metrics_report_exact_job_states(own_database: str, spawn_api: Callable,
         api = spawn_api(env={"LOWRANK_DATABASE_URL": own_database, "LOWRANK_QUEUE_PREFIX": prefix,
                              "LOWRANK_API_THREADS": "3"})
         m = scrape(api.url)
-        lag = (dt.datetime.now(dt.timezone.utc) - now).total_seconds()
+        lag = (dt.datetime.now(dt.UTC) - now).total_seconds()
     finally:
         celery.close()
         r = redis.Redis.from_url(service_env["LOWRANK_BROKER_URL"])
@@ -178,7 +178,7 @@ def test_metrics_report_exact_job_states(own_database: str, spawn_api: Callable,
 
 
 def test_metrics_follow_state_changes(client: httpx.Client, wait_job: Callable, unique_tag: str,
-                                      worker_process) -> None:  # noqa: ANN001
+                                      worker_process) -> None:
     """On the shared session API: a job run by the real worker moves from queued to succeeded in the
     next scrape (deltas, since other tests share this database)."""
     def jobs_of(samples: dict, status: str) -> float:

@@ -82,7 +82,7 @@ def test_approx_sweep_runs_and_results_match_the_jobs(client, worker_process, un
         assert row["mean"] == pytest.approx(statistics.fmean(errs), rel=1e-12)
         assert row["std"] == pytest.approx(statistics.stdev(errs), rel=1e-9, abs=1e-15)
         assert row["min"] == min(errs) and row["max"] == max(errs)
-        assert row["params"] is None
+        assert row["params"] == row["point"]["rank"] * (32 + 16)  # U (m x r) and V (r x d) of the 32 x 16 matrix
     by_point = {(r_["point"]["rank"], r_["point"]["method"]): r_ for r_ in table["rows"]}
     # More rank, less error, for each method (the numbers are real approximations).
     for meth in ("spectral", "nkp"):
@@ -101,7 +101,7 @@ def test_approx_sweep_runs_and_results_match_the_jobs(client, worker_process, un
     assert text.status_code == 200 and text.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(text.text)))
     assert len(rows) == 4 and set(rows[0]) == {*table["group_by"], "mean", "std", "min", "max", "n", "params",
-                                               "job_ids"}
+                                               "params_min", "params_max", "job_ids"}
     for row in rows:
         js = by_point[(int(row["rank"]), row["method"])]
         assert float(row["mean"]) == js["mean"] and int(row["n"]) == 2
@@ -251,13 +251,14 @@ def test_retry_failed_reruns_only_the_failed_jobs(client, worker_process, wait_j
     assert len(rows["layer9.nope"]["job_ids"]) == 2
 
 
-@pytest.mark.timeout(420)
 def _es_base(tag: str) -> dict:
     return {"kind": "train", "model": "resnet18", "dataset": "synthetic", "rank": 4, "init": "nkp",
             "include": ["layer1.0.conv1"], "epochs": 2, "batch_size": 32, "synthetic_train_size": 128,
-            "synthetic_val_size": 32, "lr": 0.01, "schedule": "constant", "log_every": 1, "tags": [tag]}
+            "synthetic_val_size": 32, "lr": 0.01, "schedule": "constant", "log_every": 1, "tags": [tag],
+            "small_input": False}  # the standard stem: 32 px would get the small one, 16x the compute
 
 
+@pytest.mark.timeout(420)
 def test_early_stopping_cancels_the_worse_points(client, worker_process, unique_tag):
     """Successive halving on a train sweep, judged by the worker after each epoch's metrics. The metric
     is the learning rate recorded at epoch ends (a constant schedule), so which points are worse is

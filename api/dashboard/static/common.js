@@ -117,8 +117,8 @@ const LR = (() => {
       } catch (e) {
         failed = true;
         showError(e);
-        // 401 waits for a token; 404/422 will not change by asking again.
-        if (e.status === 401 || e.status === 404 || e.status === 422) again = false;
+        // 401 waits for a token; 404/409/422 (an unknown or ambiguous id) will not change by asking again.
+        if (e.status === 401 || e.status === 404 || e.status === 409 || e.status === 422) again = false;
         else console.error(e);
       }
       if (again) setTimeout(tick, POLL_MS); else { stopped = true; setLive(failed ? false : "done"); }
@@ -225,6 +225,46 @@ const LR = (() => {
     return Object.entries(point).map(([k, v]) => k + "=" + v).join(", ");
   }
 
+  const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+  // The full id of a job or sweep (`what`) from its id or a unique prefix (the page URL may carry the
+  // 8 characters tables show). Resolved through the API with the viewer's token, so it finds exactly
+  // the ids the viewer may read; the URL is rewritten to the full id.
+  async function resolveId(what, ref, rewriteUrl) {
+    if (UUID_RE.test(ref)) return ref.toLowerCase();
+    const page = await api("/api/v1/" + what + "s?limit=2&id_prefix=" + encodeURIComponent(ref));
+    if (!page.items.length) throw new ApiError(404, "no " + what + " id starts with " + ref, null);
+    if (page.items.length > 1)
+      throw new ApiError(409, what + " id " + ref + " is ambiguous: it starts " + page.items.map(i => i.id).join(", ") +
+                              (page.next_cursor ? " and more" : "") + "; give more digits", null);
+    const id = page.items[0].id;
+    if (rewriteUrl) history.replaceState(null, "", location.pathname.replace(ref, id) + location.search);
+    return id;
+  }
+
+  // result.warnings of a job (e.g. accuracy at chance level) as a list of strings.
+  function warningsOf(job) {
+    const w = job && job.result ? job.result.warnings : null;
+    if (!w) return [];
+    return (Array.isArray(w) ? w : [w]).map(String);
+  }
+
+  // What a metric means, for axis titles (MATH.md Section 1 for the function error).
+  const METRIC_DOCS = {
+    error: "normalized function error L(W')/L(0)",
+    mc_error: "Monte Carlo estimate of L(W')/L(0)",
+    nkp_error: "NKP's L(W')/L(0) on the teacher",
+    val_top1: "validation top-1 accuracy",
+    top1_compressed: "top-1 of the compressed model before fine-tuning (BN re-estimated)",
+    params_compressed: "parameters of the compressed model",
+    speedup: "dense p50 / factored p50 at the first batch size",
+    latency_ms: "factored network's p50 ms at the first batch size",
+  };
+  function metricTitle(name) { return METRIC_DOCS[name] ? name + ": " + METRIC_DOCS[name] : name; }
+
+  // A grid key that sets a rank (rank, rank_ratio, weights.rank ...): log axis by default.
+  function isRankKey(key) { return /(^|\.|_)rank(_ratio)?$/.test(key); }
+
   // One-line summary of a job's result for tables.
   function resultSummary(job) {
     const r = job.result;
@@ -236,7 +276,21 @@ const LR = (() => {
       if (r.params_factored !== undefined) parts.push(num(r.params_factored) + " params");
       return parts.join(", ");
     }
+    if (job.kind === "compress")  // accuracy steps: dense -> compressed (after BN re-estimation) -> fine-tuned
+      return "top-1 " + [r.top1_dense, r.top1_compressed, ...(r.top1_finetuned || []).slice(-1)].map(v => num(v, 3))
+        .join(" \u2192 ") + ", " + num(r.params_compressed) + " params (" + (r.method || "?") + ")";
+    if (job.kind === "latency")  // at the first batch size
+      return "speed-up " + num(r.speedup, 3) + "\u00d7 at batch " + ((r.batches || [])[0] ?? "?") + ", p50 " +
+        num(r.dense_latency_ms, 3) + " \u2192 " + num(r.latency_ms, 3) + " ms" +
+        (r.slower_layers !== undefined ? ", " + r.slower_layers + " slower layer(s)" : "");
     return "error " + num(r.error, 4) + (r.method ? " (" + r.method + ", r=" + r.rank + ")" : "");
+  }
+
+  // The summary of a job for tables, with a warning sign when its result carries warnings.
+  function summaryCell(job) {
+    const w = warningsOf(job);
+    const text = resultSummary(job);
+    return w.length ? el("span", { class: "has-warning", title: w.join("\n") }, "\u26A0 ", text) : text;
   }
 
   // Fetch a file with the token and hand it to the browser as a download.
@@ -262,6 +316,15 @@ const LR = (() => {
     return "rgba(" + (n >> 16) + "," + ((n >> 8) & 255) + "," + (n & 255) + "," + alpha + ")";
   }
 
+  // User text for a Plotly plot (names, legends, hover text, category values, tick labels, titles,
+  // annotations). Plotly draws a subset of HTML in all of these (a name `<a href=...>` becomes a live
+  // link, `<b style=...>` styled text), so `&`, `<` and `>` become entities, which Plotly draws as the
+  // characters themselves. Numbers pass unchanged (numeric axes stay numeric), null stays a gap.
+  function plotText(v) {
+    if (v === null || v === undefined || typeof v === "number") return v;
+    return String(v).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+  }
+
   const PLOT_CONFIG = { responsive: true, displaylogo: false };
 
   function plot(div, traces, layout) {
@@ -273,6 +336,7 @@ const LR = (() => {
   document.addEventListener("DOMContentLoaded", setupTokenForm);
 
   return { api, poll, el, fill, kv, num, bytes, when, duration, statusBadge, progressBar, setProgress,
-           shortId, jobLink, jobProgress, renderHeader, pointText, resultSummary, download, plot, rgba, color,
-           PALETTE, TERMINAL, pageData, params, showError };
+           shortId, jobLink, jobProgress, renderHeader, pointText, resultSummary, summaryCell, download, plot, plotText, rgba,
+           color, resolveId, warningsOf, metricTitle, isRankKey, ApiError, PALETTE, TERMINAL, pageData, params,
+           showError };
 })();

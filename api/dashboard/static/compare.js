@@ -1,16 +1,49 @@
 // `/compare?jobs=a,b,...`: one plot per metric series, one trace per job; a table and a bar chart of results.
+// Jobs are labelled by what differs between their specs (init=nkp, rank_ratio=0.25), not by id.
 "use strict";
 (() => {
-  const { api, el, fill, num, statusBadge, shortId, pointText, color } = LR;
-  const ids = LR.pageData.job_ids || [];
+  const { api, el, fill, num, statusBadge, shortId, pointText, color, plotText } = LR;
+  const refs = LR.pageData.job_ids || [];  // ids or unique prefixes
+  let ids = null;
+  // Spec fields that name or file a job rather than define it.
+  const NOT_IN_LABEL = new Set(["name", "tags", "priority"]);
+  const MAX_LABEL_KEYS = 4;
+  let labels = new Map();
   const MAX_POINTS = 300;
   const ORDER = ["train_loss_step", "train_loss", "val_loss", "train_top1", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s"];
   const SKIP = new Set(["epoch"]);
   const ROWS = ["kind", "status", "sweep point", "seed", "error", "val_top1", "best_val_top1", "val_loss",
-                "params_factored", "params_dense", "rank", "method", "init", "time_s", "wall_time_s"];
+                "params_factored", "params_dense", "rank", "rank_ratio", "method", "init", "time_s", "wall_time_s"];
   let barKey = null;
 
-  function label(job) { return job.name ? job.name + " (" + shortId(job.id) + ")" : shortId(job.id); }
+  // A spec as {dotted.path: JSON text} of its leaves.
+  function flatten(obj, prefix, out) {
+    for (const [k, v] of Object.entries(obj || {})) {
+      const key = prefix ? prefix + "." + k : k;
+      if (v !== null && typeof v === "object" && !Array.isArray(v)) flatten(v, key, out);
+      else out[key] = JSON.stringify(v);
+    }
+    return out;
+  }
+
+  // Each job's label: the spec fields whose values differ between the jobs (seed included), as
+  // key=value; when nothing differs, the job's name (what its owner told them apart by) and short id;
+  // the short id is added when two labels would be the same.
+  function makeLabels(jobs) {
+    const flat = jobs.map(j => flatten(Object.assign({}, j.spec, { seed: j.seed }), "", {}));
+    const keys = [...new Set(flat.flatMap(f => Object.keys(f)))].filter(k => !NOT_IN_LABEL.has(k.split(".")[0]))
+      .filter(k => new Set(flat.map(f => f[k])).size > 1).sort();
+    const texts = flat.map(f => {
+      const parts = keys.slice(0, MAX_LABEL_KEYS).map(k => k + "=" + (f[k] === undefined ? "\u2013" : f[k].replace(/^"|"$/g, "")));
+      return parts.join(", ") + (keys.length > MAX_LABEL_KEYS ? ", \u2026" : "");
+    });
+    const counts = texts.reduce((m, t) => m.set(t, (m.get(t) || 0) + 1), new Map());
+    labels = new Map(jobs.map((j, i) => [j.id, texts[i] && counts.get(texts[i]) === 1 ? texts[i]
+                                                   : (texts[i] ? texts[i] + " (" + shortId(j.id) + ")"
+                                                      : j.name ? j.name + " (" + shortId(j.id) + ")" : shortId(j.id))]));
+  }
+
+  function label(job) { return labels.get(job.id) || shortId(job.id); }
 
   function cell(job, row) {
     const r = job.result || {};
@@ -20,7 +53,8 @@
       case "status": return statusBadge(job.status);
       case "sweep point": return pointText(job.sweep_point);
       case "seed": return job.seed;
-      case "rank": return r.rank ?? s.rank ?? s.rank_ratio;
+      case "rank": return r.rank ?? s.rank;  // a rank, never a ratio: rank_ratio has its own row
+      case "rank_ratio": return s.rank_ratio;
       case "method": return r.method ?? s.method;
       case "init": return s.init;
       default: return r[row];
@@ -28,7 +62,8 @@
   }
 
   function renderTable(jobs) {
-    const head = el("tr", null, el("th", null, "job"), jobs.map(j => el("th", null, el("a", { href: "/jobs/" + j.id }, label(j)))));
+    const head = el("tr", null, el("th", null, "job"), jobs.map(j => el("th", null,
+      el("a", { href: "/jobs/" + j.id, title: j.id }, label(j)), el("div", { class: "muted mono" }, shortId(j.id)))));
     fill(document.querySelector("#compare-table thead"), [head]);
     const rows = ROWS.filter(row => jobs.some(j => { const v = cell(j, row); return v !== undefined && v !== null && v !== ""; }))
       .map(row => el("tr", null, el("th", null, row), jobs.map(j => {
@@ -62,10 +97,10 @@
       jobs.forEach((job, i) => {
         const s = metrics[i].series.find(x => x.name === name);
         if (!s) return;
-        traces.push({ x: s.steps, y: s.values, name: label(job), type: "scatter",
+        traces.push({ x: s.steps, y: s.values, name: plotText(label(job)), type: "scatter",
                       mode: s.steps.length < 30 ? "lines+markers" : "lines", line: { color: color(i) } });
       });
-      await LR.plot(div, traces, { title: { text: name }, xaxis: { title: { text: "step" } } });
+      await LR.plot(div, traces, { title: { text: plotText(name) }, xaxis: { title: { text: "step" } } });
     }
   }
 
@@ -80,17 +115,21 @@
       if (barKey && keys.includes(barKey)) select.value = barKey;
     }
     barKey = select.value || keys[0];
-    const trace = { type: "bar", x: jobs.map(label), y: jobs.map(j => (j.result || {})[barKey] ?? null),
+    const trace = { type: "bar", x: jobs.map(j => plotText(label(j))), y: jobs.map(j => (j.result || {})[barKey] ?? null),
                     marker: { color: jobs.map((_, i) => color(i)) }, name: barKey };
-    return LR.plot(document.getElementById("compare-bars"), [trace], { title: { text: barKey }, showlegend: false });
+    // A categorical axis: labels such as short ids made only of digits must not become numbers.
+    return LR.plot(document.getElementById("compare-bars"), [trace], { title: { text: plotText(barKey) }, showlegend: false,
+                                                                       xaxis: { type: "category" } });
   }
 
   let lastJobs = [];
   document.getElementById("compare-bar-key").addEventListener("change", () => renderBars(lastJobs));
-  document.getElementById("compare-count").textContent = "(" + ids.length + " jobs)";
+  document.getElementById("compare-count").textContent = "(" + refs.length + " jobs)";
 
   LR.poll(async () => {
+    if (!ids) ids = await Promise.all(refs.map(ref => LR.resolveId("job", ref, false)));
     const jobs = await Promise.all(ids.map(id => api("/api/v1/jobs/" + id)));
+    makeLabels(jobs);
     lastJobs = jobs;
     renderTable(jobs);
     await renderCurves(jobs);

@@ -2,7 +2,7 @@
 "use strict";
 (() => {
   const { api, el, fill, num, when, duration, statusBadge, progressBar, shortId, jobLink, jobProgress, pointText,
-          resultSummary } = LR;
+          summaryCell } = LR;
   const form = document.getElementById("filters");
   const selected = new Set();
   const FILTERS = ["status", "kind", "tag", "owner", "sweep", "limit"];
@@ -44,7 +44,7 @@
       el("td", null, job.kind),
       el("td", null, statusBadge(job.status, { class: "status " + job.status + " job-status" })),
       el("td", null, progressBar(jobProgress(job))),
-      el("td", { class: "summary" }, resultSummary(job)),
+      el("td", { class: "summary" }, summaryCell(job)),
       el("td", null, job.sweep_id ? el("a", { href: "/sweeps/" + job.sweep_id }, pointText(job.sweep_point) || shortId(job.sweep_id)) : ""),
       el("td", null, (job.tags || []).join(", ")),
       el("td", null, job.owner || ""),

@@ -1,17 +1,22 @@
-// `/jobs/{id}`: status, progress, error, result, live training curves, per-layer init errors, artifacts, spec.
+// `/jobs/{id}`: status, progress, error, result, live training curves, per-layer init errors, artifacts, spec;
+// a compress job's accuracy steps and per-layer table are compress.js's, a latency job's tables and bars latency.js's.
 "use strict";
 (() => {
   const { api, el, fill, kv, num, bytes, when, duration, statusBadge, setProgress, jobProgress, renderHeader,
           pointText } = LR;
-  const jobId = LR.pageData.job_id;
+  let jobId = null;
   const MAX_POINTS = 300;  // per series, downsampled by the server
-  // Series per plot; a plot shows those the job recorded.
+  // Series per plot; a plot shows those the job recorded. `logToggle`: a checkbox for a log y axis
+  // (one diverged epoch would flatten every other loss on a linear axis).
   const PLOTS = [
-    { div: "plot-loss", title: "loss", names: ["train_loss_step", "train_loss", "val_loss"], ytitle: "loss" },
+    { div: "plot-loss", title: "loss", names: ["train_loss_step", "train_loss", "val_loss"], ytitle: "loss",
+      logToggle: "loss-logy" },
     { div: "plot-accuracy", title: "accuracy", names: ["train_top1", "val_top1", "val_top5"], ytitle: "accuracy" },
     { div: "plot-lr", title: "learning rate", names: ["lr"], ytitle: "lr" },
   ];
+  const MAX_EPOCH_TICKS = 12;
   let lastJob = null;
+  let lastSeries = null;
   let artifactsShown = "";
   let initShown = false;
 
@@ -44,6 +49,9 @@
     const err = document.getElementById("job-error");
     err.hidden = !job.error;
     err.textContent = job.error || "";
+    const warnings = LR.warningsOf(job);
+    document.getElementById("job-warnings").hidden = warnings.length === 0;
+    fill(document.querySelector("#job-warnings ul"), warnings.map(w => el("li", null, w)));
     document.getElementById("job-spec").textContent = JSON.stringify(job.spec, null, 2);
     renderResult(job.result);
   }
@@ -52,7 +60,8 @@
     const section = document.getElementById("result-section");
     section.hidden = !result;
     if (!result) return;
-    const skip = new Set(["history", "config", "init_report", "init_totals", "info"]);
+    const skip = new Set(["history", "config", "init_report", "init_totals", "info", "warnings", "layers", "calibration",
+                          "finetune", "latency", "factorize", "ranks", "kept_dense", "latency_policy"]);
     const pairs = [];
     for (const [k, v] of Object.entries(result)) {
       if (skip.has(k)) continue;
@@ -66,27 +75,59 @@
     kv(document.querySelector("#result-table tbody"), pairs);
   }
 
+  // Epoch ends (from the epochs the API gives with each series): x stays the step, so step-level and
+  // epoch-level points share one axis, and the axis is labelled in epochs at the steps where they end.
+  function epochTicks(seriesList) {
+    const endStep = new Map();
+    for (const s of seriesList) {
+      if (!s.epochs || !EPOCH_LEVEL.has(s.name)) continue;
+      s.steps.forEach((st, i) => { if (s.epochs[i] !== null) endStep.set(s.epochs[i], Math.max(endStep.get(s.epochs[i]) || 0, st)); });
+    }
+    const epochs = [...endStep.keys()].sort((a, b) => a - b);
+    const every = Math.max(1, Math.ceil(epochs.length / MAX_EPOCH_TICKS));
+    const shown = epochs.filter((e, i) => i % every === every - 1 || i === epochs.length - 1);
+    return { tickvals: shown.map(e => endStep.get(e)), ticktext: shown.map(e => String(e)) };
+  }
+  const EPOCH_LEVEL = new Set(["train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "epoch_time_s",
+                               "images_per_s"]);
+
   async function renderCurves() {
     const data = await api("/api/v1/jobs/" + jobId + "/metrics?max_points=" + MAX_POINTS);
-    const series = Object.fromEntries(data.series.map(s => [s.name, s]));
+    lastSeries = data.series;
+    await drawCurves();
+  }
+
+  async function drawCurves() {
+    const seriesList = lastSeries || [];
+    const series = Object.fromEntries(seriesList.map(s => [s.name, s]));
     const section = document.getElementById("curves-section");
-    section.hidden = data.series.length === 0;
-    if (!data.series.length) return;
+    // Only series some plot draws (a compress job's top-1 steps are compress.js's; without fine-tuning it has none).
+    section.hidden = !PLOTS.some(spec => spec.names.some(n => series[n]));
+    if (section.hidden) return;
+    const ticks = epochTicks(seriesList);
+    const byEpoch = ticks.tickvals.length > 0;
     const shown = [];
     for (const spec of PLOTS) {
       const present = spec.names.filter(n => series[n]);
       const div = document.getElementById(spec.div);
       div.hidden = present.length === 0;
+      if (spec.logToggle) document.getElementById(spec.logToggle).parentElement.hidden = present.length === 0;
       if (!present.length) continue;
       const traces = present.map((name, i) => {
         const s = series[name];
         if (s.downsampled) shown.push(name + ": " + s.steps.length + " of " + s.total + " points");
-        const epochLevel = name.startsWith("val_") || name === "train_top1";
+        const epochLevel = EPOCH_LEVEL.has(name);
+        const epochs = s.epochs || s.steps.map(() => null);
         return { x: s.steps, y: s.values, name, type: "scatter", mode: epochLevel || s.steps.length < 30 ? "lines+markers" : "lines",
-                 line: { color: LR.PALETTE[i] } };
+                 line: { color: LR.PALETTE[i] }, customdata: epochs,
+                 hovertemplate: (byEpoch ? "epoch %{customdata}, " : "") + "step %{x}<br>%{y:.5g}<extra>" + name + "</extra>" };
       });
-      await LR.plot(div, traces, { title: { text: spec.title }, xaxis: { title: { text: "step" } },
-                                   yaxis: { title: { text: spec.ytitle } } });
+      const logy = spec.logToggle && document.getElementById(spec.logToggle).checked;
+      await LR.plot(div, traces, {
+        title: { text: spec.title },
+        xaxis: byEpoch ? { title: { text: "epoch" }, tickvals: ticks.tickvals, ticktext: ticks.ticktext }
+                       : { title: { text: "step" } },
+        yaxis: { title: { text: spec.ytitle }, type: logy ? "log" : "linear" } });
     }
     document.getElementById("curves-note").textContent =
       shown.length ? "(downsampled on the server: " + shown.join("; ") + ")" : "";
@@ -163,11 +204,16 @@
   }
   document.getElementById("init-all").addEventListener("change", ev =>
     document.getElementById("init-table").classList.toggle("all", ev.target.checked));
+  document.getElementById("loss-logy").addEventListener("change", () => drawCurves().catch(LR.showError));
   document.getElementById("cancel-button").addEventListener("click", () => action("cancel"));
   document.getElementById("retry-button").addEventListener("click", () => action("retry"));
 
+  const documentReady = new Promise(resolve => document.readyState === "loading"
+    ? document.addEventListener("DOMContentLoaded", resolve) : resolve());
+
   // Poll the job (and its metrics) until it is finished, then one last full refresh.
   LR.poll(async () => {
+    if (!jobId) jobId = await LR.resolveId("job", LR.pageData.job_id, true);
     const job = await api("/api/v1/jobs/" + jobId);
     const finished = LR.TERMINAL.has(job.status);
     renderJob(job);
@@ -175,6 +221,14 @@
     if (changed || job.status === "running" || finished) await renderCurves();
     const artifacts = await renderArtifacts();
     await renderInitReport(job, artifacts);
+    if (job.kind === "compress" && job.status === "succeeded") {
+      await documentReady;  // compress.js (deferred, after this file) has run
+      await LR.compress.render(job);
+    }
+    if (job.kind === "latency" && job.status === "succeeded") {
+      await documentReady;  // latency.js (deferred, after this file) has run
+      await LR.latency.render(job);
+    }
     lastJob = job;
     return !finished;
   });
