@@ -28,7 +28,7 @@ from jobs import store
 from jobs.db import session_scope
 from jobs.settings import get_settings
 from lowrank.client import Client
-from slurm.slurmlib import REPO, SlurmCluster, load_fault_helpers, wait_until
+from slurm.slurmlib import REPO, TIME_LIMIT_CHECK_S, SlurmCluster, load_fault_helpers, wait_until
 
 pytestmark = [pytest.mark.service, pytest.mark.slurm]
 
@@ -163,7 +163,7 @@ def test_missing_database_url_fails_the_batch_job_fast(slurm, workers):
 WARM_S = 4  # the first allocation's warm shutdown: its running job goes on this long, then the cold one
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_gpu_allocation_serves_a_sweep_then_hands_its_running_job_over_at_the_time_limit(
         slurm, workers, api_server, client, wait_job, unique_tag):
     """One allocation's life: one worker per fake GPU serves a sweep; then its time limit comes while
@@ -175,22 +175,22 @@ def test_gpu_allocation_serves_a_sweep_then_hands_its_running_job_over_at_the_ti
     epoch_s, first_epoch_s = serve_a_sweep(Client(api_server.url), first, nodes, unique_tag)
 
     # The time limit. Slurm checks limits every 30 s and sends the script's --signal=B:TERM@120 at the
-    # first check within 120 + 30 s of the end. So just before a check the allocation's limit is cut
-    # to make that check warn, and a train job is submitted for one of its idle workers to claim.
+    # first check within 120 + 30 s of the end. A train job is submitted for one of the idle workers to
+    # claim; once it has stored a checkpoint (its second epoch's metrics are stored after the first
+    # epoch's checkpoint was written), the allocation's limit is cut so that the next check warns.
+    # Waiting for the checkpoint, not for a time predicted from the sweep, keeps a loaded machine (CI)
+    # from cutting the job before it has one: that was a flake, resumed_from_epoch None.
     warn_s = int(re.search(r"^#SBATCH --signal=B:TERM@(\d+)$", SBATCH.read_text(), flags=re.M).group(1))
-    # The job must checkpoint its first epoch before the cold shutdown cuts it (TERM + WARM_S): it gets
-    # the lead plus the warm window, at least 1.5x what a sweep job took from its start to its first
-    # epoch's end on this machine now (a loaded machine starts jobs slower).
-    lead_s = max(4.0, 1.5 * first_epoch_s - WARM_S)
-    check = slurm.next_time_limit_check(not_before=time.time() + lead_s + 0.5)
-    time.sleep(max(0.0, check - lead_s - time.time()))
-    slurm.end_allocation_at(first.id, check, warn_s)
-    # Long enough to outlast TERM + the warm window + the cold shutdown, with a quarter to spare.
-    epochs = 1 + math.ceil(1.25 * (lead_s + WARM_S + 2) / epoch_s)
+    # After that checkpoint the job must outlast the wait for the next check (at most 31 s), the warm
+    # window and the cold shutdown: twice that at the sweep's pace (a job alone may run faster).
+    epochs = 2 + math.ceil(2.0 * (TIME_LIMIT_CHECK_S + 1 + WARM_S + 3) / epoch_s)
     job_id = faults.submit(client, {**TRAIN, "epochs": epochs}, unique_tag)
-    wait_until(lambda: store.get_job(job_id).status == "running", check - time.time() - 0.2,
-               f"job {job_id} to be claimed before the time-limit check (it must be running when TERM comes)")
+    wait_until(lambda: len(epoch_ends(job_id)) >= 2, 60 + 4 * first_epoch_s,
+               f"job {job_id} to store its first checkpoint (two epochs' metrics)",
+               on_timeout=lambda: f"job row: {store.get_job(job_id)}\n--- output:\n{first.text()[-4000:]}")
     assert store.get_job(job_id).worker.rsplit(":", 1)[0] in nodes
+    check = slurm.next_time_limit_check(not_before=time.time() + 1.5)
+    slurm.end_allocation_at(first.id, check, warn_s)
     second = workers(gres="none", cpus=1)  # only now: it must not take the job first
 
     ended = slurm.wait_state(first.id, ENDED, 90, first.output)
@@ -255,7 +255,7 @@ def serve_a_sweep(c: Client, job: WorkerJob, nodes: list[str], tag: str) -> tupl
 @pytest.mark.timeout(300)
 def test_scancel_requeues_the_running_job_and_the_next_allocation_resumes_it(slurm, workers, client, wait_job,
                                                                              unique_tag):
-    epochs = 5  # the 4 after the first checkpoint outlast the scancel on an idle machine too
+    epochs = 8  # the 7 after the first checkpoint outlast the scancel, on a loaded machine too
     job_id = faults.submit(client, {**TRAIN, "epochs": epochs}, unique_tag)
     first = workers(gres="gpu:1", cpus=1)
     wait_running_on(job_id, f"worker@{slurm.node}-j{first.id}-gpu0", 120, first)
