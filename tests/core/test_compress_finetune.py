@@ -232,7 +232,10 @@ def test_lowrank_compress_finetune_cli(dense_ckpt, tmp_path, capsys):
     assert line, out
     assert main([*args, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["finetune"]["nesterov"] is False and report["top1"]["finetuned"] == [float(line[1])]
+    assert report["finetune"]["nesterov"] is False
+    # The text shows 4 decimals; the JSON holds the full value (e.g. 65/72 = 0.90277...).
+    [finetuned] = report["top1"]["finetuned"]
+    assert round(finetuned, 4) == float(line[1]), (finetuned, line[1])
 
 
 @pytest.mark.parametrize("argv,match", [
