@@ -190,7 +190,8 @@ def run_compress(config: CompressConfig | dict[str, Any], *, callbacks: Compress
     net, source = load_source_model(config.source, config.model, num_classes=config.num_classes,
                                     small_input=config.small_input)
     image_size = config.image_size
-    trained = source.train_config or {}
+    # What the source was trained (a train checkpoint) or compressed (a compressed artifact) on.
+    trained = source.train_config or ((source.compressed_spec or {}).get("extra") or {}).get("data") or {}
     if image_size is None and trained.get("dataset") == config.dataset:
         image_size = trained.get("image_size")  # the size it was trained at (digits' recipe: the native 8 px)
     train_ds, val_ds, data = build_datasets(
@@ -248,6 +249,8 @@ def run_compress(config: CompressConfig | dict[str, Any], *, callbacks: Compress
         save_compressed(save_path, result.model, arch, extra={
             "method": config.method, "options": config.to_dict(), "contexts": result.contexts,
             "top1": top1, "source": str(config.source),
+            # The data it was calibrated and measured on: a later compress of this file uses the same size.
+            "data": {"dataset": data.name, "image_size": data.image_size},
             "finetune": None if finetune is None else {k: v for k, v in finetune.items() if k != "history"}})
         report["saved"] = str(save_path)
     return result

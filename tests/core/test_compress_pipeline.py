@@ -220,6 +220,30 @@ def test_lowrank_compress_cli(r18_file, tmp_path, capsys):
     assert "top-1 (validation, before fine-tuning): dense" in text and "layer1.0.conv1" in text
 
 
+def test_a_compressed_file_remembers_its_image_size_for_the_next_compression(r18_file, tmp_path, capsys):
+    """Compressing a compressed model again (more layers) calibrates at the size the first run used, not
+    the data set's default (32 px for digits)."""
+    from core.artifact import load_compressed
+    from lowrank.cli import main
+
+    small = ["--dataset", "digits", "--method", "whiten", "--budget", "0.3", "--calib-images", "16",
+             "--heldout-images", "16", "--calib-batch-size", "16", "--max-val-batches", "1", "--device", "cpu"]
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    assert main(["compress", str(r18_file), "--model", "resnet18", *small, "--image-size", "16",
+                 "--include", "layer1.0.conv1", "--save", str(first), "--json"]) == 0
+    capsys.readouterr()
+    assert load_compressed(first)[1]["extra"]["data"] == {"dataset": "digits", "image_size": 16}
+    assert main(["compress", str(first), *small, "--include", "layer1.0.conv2", "--save", str(second), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["data"]["image_size"] == 16, report["data"]
+    assert report["source"]["kind"] == "compressed"
+    assert load_compressed(second)[1]["extra"]["data"] == {"dataset": "digits", "image_size": 16}
+    # Another data set: its own default size, not the file's.
+    assert main(["compress", str(first), *small[:1], "synthetic", *small[2:], "--include", "layer1.0.conv2",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["image_size"] != 16
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--model", "resnet18", "--method", "whiten"], "give one of --budget, --rank, --rank-ratio"),
     (["--model", "resnet18", "--budget", "0.3", "--method", "svd"], "method must be one of"),
