@@ -248,6 +248,32 @@ def test_a_latency_job_measures_every_factored_layer(api, measured):
         assert series[key]["steps"] == [0] and series[key]["values"] == [pytest.approx(res[key])], key
 
 
+def test_a_latency_sweep_on_the_worker_tabulates_speedup_and_size_per_rank(api, unique_tag):
+    """A grid sweep of latency jobs run by the real worker: one row per rank ratio in the results table, the
+    speedup (the kind's default metric) and the factored network's size, which falls with the rank."""
+    base = {**SMALL, "kind": "latency", "batches": [1], "tags": [unique_tag]}
+    r = api.post("/api/v1/sweeps", json={"base": base, "grid": {"rank_ratio": [0.125, 0.5]}})
+    assert r.status_code == 201, r.text
+    sweep = r.json()
+    deadline = time.monotonic() + TIMEOUT
+    while (s := api.get(f"/api/v1/sweeps/{sweep['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, s
+        time.sleep(0.5)
+    assert s["counts"]["succeeded"] == 2, s["counts"]
+    table = api.get(f"/api/v1/sweeps/{sweep['id']}/results").json()
+    assert table["metric"] == "speedup" and table["group_by"] == ["rank_ratio"], table
+    rows = {row["point"]["rank_ratio"]: row for row in table["rows"]}
+    assert sorted(rows) == [0.125, 0.5] and all(row["n"] == 1 for row in rows.values()), rows
+    jobs = {ratio: api.get(f"/api/v1/jobs/{row['job_ids'][0]}").json()["result"] for ratio, row in rows.items()}
+    for ratio, row in rows.items():
+        # The table's numbers are the jobs' own: speedup at the first batch, the factored network's parameters.
+        assert row["mean"] == pytest.approx(jobs[ratio]["speedup"]) and row["mean"] > 0, (row, jobs[ratio])
+        assert row["params"] == jobs[ratio]["params_factored"]
+    assert rows[0.125]["params"] < rows[0.5]["params"] < jobs[0.5]["params_dense"]
+    csv = api.get(f"/api/v1/sweeps/{sweep['id']}/results", params={"format": "csv"})
+    assert csv.status_code == 200 and csv.text.splitlines()[0].startswith("rank_ratio,"), csv.text[:300]
+
+
 def test_a_compress_jobs_ranks_are_measured(api):
     """A real compress job (an uploaded fresh ResNet-18, spectral at rank ratio 0.25 on layer2) as the source: its
     model, stem and image size go into the spec, and exactly its factored layers are measured at its ranks."""
