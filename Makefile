@@ -31,12 +31,17 @@ browser: tools
 demo: $(STAMP)
 	$(BIN)/lowrank demo
 
+# Test files run in TEST_PROCS processes (pytest-xdist, a file's tests together in one process: module
+# fixtures are built once). The suite mostly waits on real services, so 2 processes on 2 cores halve its
+# time; every session fixture is private to its process (its own database, queue prefix, ports, private
+# Postgres/Redis for the fault tests). TEST_PROCS=0 runs everything in this one process, in file order.
+TEST_PROCS ?= 2
 test: $(STAMP) tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCS) --dist loadfile tests
 
 # The same suite in a random order (modules shuffled, tests shuffled within each): every test must
 # pass alone and after any other. The seed is printed; SEED=<n> replays an order. `make test` keeps the
-# files' order, so a failure there is reproducible without a seed.
+# files' order within each of its processes; `make test TEST_PROCS=0` replays it in one.
 test-random: $(STAMP) tools
 	$(BIN)/python -m pytest -p no:cacheprovider $(if $(SEED),--random-order-seed=$(SEED),--random-order) tests
 
