@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -299,44 +300,44 @@ def record_outcome(app: Celery, job: store.JobRecord, owner: str, outcome: Outco
     return status
 
 
-def attach_early_stopping(sweep_id: str | None, ctx: RunContext) -> bool:
-    """For a job of a sweep with early stopping: judge the sweep's milestones after each metrics write
-    (an epoch's rows are written at its end: RunContext.flush_metrics); a verdict against this job
-    stops it at once."""
+def _attach_epoch_judge(ctx: RunContext, applies: Callable[[], bool],
+                        stops: Callable[[list[tuple[str, int, float]]], bool], rule: str, verdict: str) -> bool:
+    """Set ctx's after-write hook: after each metrics write (an epoch's rows are written at its end:
+    RunContext.flush_metrics), `stops(rows)` decides whether this job stops at once. Not set (False) when
+    the rule does not apply, or cannot be read (logged, naming `rule`)."""
     try:
-        if not sweep_id or not sweeps.has_early_stopping(sweep_id):
+        if not applies():
             return False
     except Exception:
-        log.warning("job %s: could not read its sweep's early-stopping rule", ctx.job_id, exc_info=True)
+        log.warning("job %s: could not read its %s", ctx.job_id, rule, exc_info=True)
         return False
 
     def after_write(rows: list[tuple[str, int, float]]) -> None:
-        if ctx.job_id in sweeps.on_epoch_metrics(str(sweep_id), rows):
-            log.info("job %s: stopped by its sweep's early stopping", ctx.job_id)
+        if stops(rows):
+            log.info("job %s: %s", ctx.job_id, verdict)
             ctx.cancel.set()
 
     ctx.metrics.after_write = after_write
     return True
+
+
+def attach_early_stopping(sweep_id: str | None, ctx: RunContext) -> bool:
+    """For a job of a sweep with early stopping: judge the sweep's milestones after each metrics write;
+    a verdict against this job stops it at once."""
+    return _attach_epoch_judge(
+        ctx, lambda: bool(sweep_id) and sweeps.has_early_stopping(sweep_id),
+        lambda rows: ctx.job_id in sweeps.on_epoch_metrics(str(sweep_id), rows),
+        "sweep's early-stopping rule", "stopped by its sweep's early stopping")
 
 
 def attach_search_pruning(sweep_id: str | None, ctx: RunContext) -> bool:
     """For a job of a search sweep with a pruner (jobs/search_pruning.py): judge its trial after each epoch's
     metrics are written; a pruned trial stops this job at once. (A sweep is a grid with early stopping
     or a search with a pruner, never both, so at most one of the two hooks is set.)"""
-    try:
-        if not sweep_id or not search_pruning.has_pruner(sweep_id):
-            return False
-    except Exception:
-        log.warning("job %s: could not read its search's pruner", ctx.job_id, exc_info=True)
-        return False
-
-    def after_write(rows: list[tuple[str, int, float]]) -> None:
-        if search_pruning.on_epoch_metrics(str(sweep_id), ctx.job_id, rows):
-            log.info("job %s: its trial was pruned by the search", ctx.job_id)
-            ctx.cancel.set()
-
-    ctx.metrics.after_write = after_write
-    return True
+    return _attach_epoch_judge(
+        ctx, lambda: bool(sweep_id) and search_pruning.has_pruner(sweep_id),
+        lambda rows: search_pruning.on_epoch_metrics(str(sweep_id), ctx.job_id, rows),
+        "search's pruner", "its trial was pruned by the search")
 
 
 def register(app: Celery) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lowrank.cli import main
 
@@ -16,12 +15,7 @@ TINY = ["--model", "resnet18", "--dataset", "synthetic", "--synthetic-train-size
         "--synthetic-val-size", "16", "--image-size", "16", "--batch-size", "16", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -18,13 +18,7 @@ from core.calibration import (
     run_grouped_passes,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained_bn(bn: nn.BatchNorm2d | nn.BatchNorm1d, seed: int) -> nn.Module:

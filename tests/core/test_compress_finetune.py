@@ -18,15 +18,7 @@ from core.compress_run import FinetuneCancelled, run_compress
 from core.layers import factored_modules
 from core.train import TrainingCancelled
 
-pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,7 @@ from core.layer_compress import (
     whitened,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several test processes: one thread each avoids OpenMP oversubscription.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _anisotropic_sigma(d: int, seed: int, decay: float = 0.8) -> torch.Tensor:

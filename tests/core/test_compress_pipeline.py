@@ -13,13 +13,7 @@ from core.compress import CompressCallbacks, CompressOptions, compress_model
 from core.layer_compress import METHODS
 from core.layers import FactoredConv2d, FactoredLinear
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SmallNet(nn.Module):

@@ -8,15 +8,7 @@ import torch
 
 from core.approx import function_error, function_error_grad, mc_function_error, relu_kernel_h
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: with several processes sharing few cores, OpenMP thread hand-offs cost more
-    # than the arithmetic (30x here). Restored afterwards so other modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _gen(seed: int) -> torch.Generator:

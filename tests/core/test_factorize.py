@@ -14,14 +14,7 @@ from core.layers import FactoredConv2d, FactoredLinear
 from core.models import build_model, layer_weight_matrix
 from core.surgery import get_module
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several test processes: one thread each avoids OpenMP oversubscription.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyNet(nn.Module):

@@ -12,13 +12,7 @@ from core.weights import gaussian_weights
 SEEDS = range(20)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: thread hand-offs on a shared 2-core machine cost more than the arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _promise_rate(noise, eps, delta, m=16, d=8, rank=2):

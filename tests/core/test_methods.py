@@ -8,15 +8,7 @@ import torch
 
 from core.approx import METHODS, Approximation, approximate, function_error
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: with several processes sharing few cores, OpenMP thread hand-offs cost more
-    # than the arithmetic (30x here). Restored afterwards so other modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 SLACK = 1e-12  # float64 round-off allowed in the ordering nkp <= rescale <= spectral (relative)

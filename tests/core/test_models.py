@@ -25,12 +25,7 @@ RATIOS = (0.1, 0.25, 0.5)
 WHOLE = {"resnet18", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cases():

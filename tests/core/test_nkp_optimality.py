@@ -24,14 +24,7 @@ import torch
 
 from core.approx import approximate, function_error
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: OpenMP hand-offs between processes sharing a few cores cost more than the math.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -17,13 +17,7 @@ from core.approx import approximate, approximate_many
 from core.nkp import FLOAT32_MIN_WORK
 from core.weights import gaussian_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 # (m, d, r): wide ones (m < d) take the row-space path, the others the column path; all do float32 work.

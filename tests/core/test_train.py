@@ -15,12 +15,7 @@ SUMMARY_KEYS = {"val_top1", "val_top5", "val_loss", "train_loss", "params_dense"
                 "macs_factored", "epochs", "wall_time_s", "device", "init_report", "resumed_from_epoch"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Recorder(TrainCallbacks):
